@@ -1,0 +1,151 @@
+"""Layers shared by every model family (channels-last, NNX).
+
+Parameter names follow the diffusers / transformers module names wherever a layer is
+a port of one (``kernel`` / ``bias`` / ``scale`` on the leaves), so that the converter
+tables in :mod:`adm_jax.convert` read as a list of renames plus a layout rule.
+
+Precision: parameters are stored in ``param_dtype`` (float32 master weights); the
+compute dtype is ``dtype`` (bf16 on accelerators, float32 for parity tests). Norm
+statistics and softmax always run in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def _dtypes(dtype, param_dtype):
+  return dict(dtype=dtype, param_dtype=param_dtype)
+
+
+class Linear(nnx.Linear):
+  """``torch.nn.Linear`` with kernel ``[in, out]``."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, use_bias=use_bias,
+                     rngs=rngs, **_dtypes(dtype, param_dtype))
+
+
+class Conv2d(nnx.Conv):
+  """``torch.nn.Conv2d`` on ``[B, H, W, C]`` with kernel ``[kh, kw, in, out]``.
+
+  ``padding`` is the symmetric torch padding; pass a sequence of (lo, hi) pairs for the
+  asymmetric padding of the VAE encoder's downsampler.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
+               stride: int = 1, padding: int | Sequence[tuple[int, int]] = 0,
+               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if isinstance(padding, int):
+      padding = ((padding, padding), (padding, padding))
+    super().__init__(in_features, out_features, (kernel_size, kernel_size),
+                     strides=(stride, stride), padding=tuple(padding), use_bias=use_bias,
+                     rngs=rngs, **_dtypes(dtype, param_dtype))
+
+
+class GroupNorm(nnx.Module):
+  """``torch.nn.GroupNorm`` for channels-last inputs ``[B, ..., C]``.
+
+  Statistics are taken over every non-batch axis within a group of ``C / G`` channels,
+  in float32, with the biased variance as torch does.
+  """
+
+  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: {num_channels} channels do not split into "
+                       f"{num_groups} groups")
+    self.num_groups = num_groups
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    shape = x.shape                                   # [B, ..., C]
+    c = shape[-1]
+    xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+    xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+    y = xg.reshape(shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(
+        jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """``torch.nn.LayerNorm`` over the last axis, statistics in float32."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None) -> Array:
+  """Scaled dot-product attention on ``[B, L, H, D]`` tensors.
+
+  ``bias`` broadcasts to ``[B, H, Lq, Lk]`` (use ``-inf``-like values to mask). Logits and
+  softmax run in float32; the result has the dtype of ``q``.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers'
+  ``get_timestep_embedding``.  ``t``: ``[N]`` -> ``[N, dim]`` float32."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+  args = scale * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nnx.Module):
+  """diffusers ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2."""
+
+  def __init__(self, in_features: int, dim: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = _dtypes(dtype, param_dtype)
+    self.linear_1 = Linear(in_features, dim, rngs=rngs, **kw)
+    self.linear_2 = Linear(dim, dim, rngs=rngs, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+def upsample_nearest_2x(x: Array) -> Array:
+  """Nearest-neighbour 2x upsampling of ``[B, H, W, C]`` (torch ``interpolate``)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)

@@ -1,0 +1,21 @@
+"""Test set-up: 8 fake CPU devices (before JAX starts) and small shared fixtures."""
+import os
+
+# Must happen before the first JAX operation anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  try:
+    import torch
+    torch.set_num_threads(1)   # pytest -n 2 already fills both cores
+    torch.manual_seed(0)
+  except ImportError:
+    pass
