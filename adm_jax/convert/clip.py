@@ -1,0 +1,161 @@
+"""transformers CLIP text encoder checkpoints <-> :class:`adm_jax.models.clip_text.CLIPTextModel`.
+
+Tensor names, as transformers 5.23 ``save_pretrained`` writes them (``model.safetensors``):
+
+* ``CLIPTextModel`` (flattened in transformers 5): ``embeddings.token_embedding.weight``,
+  ``embeddings.position_embedding.weight``,
+  ``encoder.layers.N.{self_attn.{q,k,v,out}_proj,mlp.fc1,mlp.fc2}.{weight,bias}``,
+  ``encoder.layers.N.{layer_norm1,layer_norm2}.{weight,bias}``,
+  ``final_layer_norm.{weight,bias}``.
+* ``CLIPTextModelWithProjection``: the same under ``text_model.``, plus
+  ``text_projection.weight`` (no bias).
+
+Checkpoints written by transformers 4 (every SD / SDXL ``text_encoder`` folder) name the
+plain model's tensors with the ``text_model.`` prefix too; :func:`load` recognises either
+naming. Some also carry the non-persistent ``embeddings.position_ids`` buffer
+(``arange(max_position_embeddings)``); it is no parameter and is dropped by name. No
+other key is skipped: anything the table does not name fails the conversion.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adm_jax import tree
+from adm_jax.convert.common import (ConversionError, KeyTable, apply_table, export_table,
+                                    read_json, read_tensors, write_safetensors)
+from adm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+
+PREFIX = "text_model."
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+_NORMS = ("layer_norm1", "layer_norm2")
+
+
+def default_prefix(config: CLIPTextConfig) -> str:
+  """The prefix transformers 5 writes: none for ``CLIPTextModel``, ``text_model.`` with
+  the projection head."""
+  return PREFIX if config.with_projection else ""
+
+
+def _norm(torch_name: str, ours: str) -> KeyTable:
+  return {f"{torch_name}.weight": (f"{ours}.scale", "copy"),
+          f"{torch_name}.bias": (f"{ours}.bias", "copy")}
+
+
+def _linear(torch_name: str, ours: str) -> KeyTable:
+  return {f"{torch_name}.weight": (f"{ours}.kernel", "linear"),
+          f"{torch_name}.bias": (f"{ours}.bias", "copy")}
+
+
+def key_table(config: CLIPTextConfig, *, prefix: str | None = None) -> KeyTable:
+  """Every tensor of a transformers CLIP text checkpoint -> our parameter path and layout.
+
+  Args:
+    config: The model configuration (layer count, projection head).
+    prefix: Prefix of the text transformer's tensors (``""`` or ``"text_model."``);
+      defaults to what transformers 5 writes for this architecture.
+  """
+  p = default_prefix(config) if prefix is None else prefix
+  table: KeyTable = {
+      f"{p}embeddings.token_embedding.weight": ("embeddings.token_embedding.embedding",
+                                                "copy"),
+      f"{p}embeddings.position_embedding.weight": (
+          "embeddings.position_embedding.embedding", "copy"),
+  }
+  for i in range(config.num_hidden_layers):
+    layer = f"encoder.layers.{i}"
+    for name in _LINEARS:
+      table.update(_linear(f"{p}{layer}.{name}", f"{layer}.{name}"))
+    for name in _NORMS:
+      table.update(_norm(f"{p}{layer}.{name}", f"{layer}.{name}"))
+  table.update(_norm(f"{p}final_layer_norm", "final_layer_norm"))
+  if config.with_projection:
+    table["text_projection.weight"] = ("text_projection.kernel", "linear")
+  return table
+
+
+def checkpoint_prefix(tensors, config: CLIPTextConfig) -> str:
+  """Which naming a checkpoint uses: ``text_model.`` (transformers 4, or with projection)
+  or none (transformers 5 ``CLIPTextModel``)."""
+  if config.with_projection:
+    return PREFIX
+  return PREFIX if any(k.startswith(PREFIX) for k in tensors) else ""
+
+
+def _drop_position_ids(tensors: dict, prefix: str, config: CLIPTextConfig) -> dict:
+  """Removes the ``embeddings.position_ids`` buffer older checkpoints saved."""
+  name = f"{prefix}embeddings.position_ids"
+  if name not in tensors:
+    return tensors
+  ids = np.asarray(tensors[name])
+  if ids.size != config.max_position_embeddings:
+    raise ConversionError(f"{name}: shape {ids.shape} does not match "
+                          f"max_position_embeddings={config.max_position_embeddings}")
+  return {k: v for k, v in tensors.items() if k != name}
+
+
+def abstract_model(config: CLIPTextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """``(graphdef, abstract state)`` of the model, built without allocating parameters."""
+  model = nnx.eval_shape(lambda: CLIPTextModel(config, dtype=dtype, param_dtype=param_dtype,
+                                               rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
+         param_dtype=jnp.float32):
+  """Reads a transformers CLIP text encoder folder (``config.json`` plus weights).
+
+  Args:
+    path: The folder ``save_pretrained`` wrote (e.g. an SDXL ``text_encoder_2``).
+    allow_pickle: Accept ``pytorch_model.bin`` (pickle; can run code) weights.
+    dtype: Compute dtype of the built model.
+    param_dtype: Storage dtype of the returned parameters.
+
+  Returns:
+    ``(config, graphdef, params_state)``; ``nnx.merge(graphdef, params_state)`` is the
+    model.
+
+  Raises:
+    FileNotFoundError: naming ``path`` when the folder, its config or weights are absent.
+    ConversionError: when the tensors do not match the key table (unused, missing or
+      mis-shaped keys, named), or for pickle weights without ``allow_pickle``.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"CLIP text encoder folder not found: {path}")
+  config = CLIPTextConfig.from_hf(read_json(path / CONFIG_NAME))
+  tensors = read_tensors(path, allow_pickle=allow_pickle)
+  prefix = checkpoint_prefix(tensors, config)
+  tensors = _drop_position_ids(tensors, prefix, config)
+  graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+  flat = apply_table(tensors, key_table(config, prefix=prefix), tree.shapes(abstract),
+                     what=f"CLIP text checkpoint {path}")
+  params = {k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()}
+  return config, graphdef, tree.unflatten_like(abstract, params)
+
+
+def export(config: CLIPTextConfig, params_state, out_dir: str | Path) -> Path:
+  """Writes ``config.json`` and ``model.safetensors`` in transformers 5's naming.
+
+  ``transformers.CLIPTextModel`` (or ``CLIPTextModelWithProjection`` when
+  ``config.with_projection``) ``.from_pretrained(out_dir)`` loads the result.
+
+  Returns:
+    ``out_dir`` as a Path.
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.asarray(v) for k, v in tree.flatten(params_state).items()}
+  tensors = export_table(flat, key_table(config), what="CLIP text model")
+  write_safetensors(out_dir / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+  with open(out_dir / CONFIG_NAME, "w") as f:
+    json.dump(config.to_hf(), f, indent=2, sort_keys=True)
+  return out_dir
