@@ -1,0 +1,183 @@
+"""Shared config fragments, argument parsing and validation for ``configs/*.py``.
+
+A config file defines ``get_config(arg)`` and builds its ``ConfigDict`` from the presets
+here, so that teacher, optimiser and mesh settings are written once. :func:`validate`
+checks every enumerated value against its valid choices, and :func:`check_overrides`
+rejects ``--config.x.y=...`` flags naming keys the config does not have, before absl
+parses them, with a message that lists the valid keys.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# key path -> valid values. Checked by validate(); extended as features land.
+CHOICES: dict[str, tuple] = {
+    "family": ("sdxl",),
+    "method": ("dmd2", "adm", "adp", "dmdx", "regression"),
+    "teacher.dtype": ("float32", "bfloat16"),
+    "teacher.parameterization": ("epsilon", "v_prediction", "flow"),
+    "sample.sampler": ("ddim", "euler"),
+    "sample.spacing": ("trailing", "leading", "linspace"),
+}
+
+CONVERT_HINT = ("python -m adm_jax.convert --family={family} "
+                "--src=/path/to/diffusers/{name} --dst={dst}")
+
+
+class ConfigError(ValueError):
+  """A config key or value is invalid; the message names the key and what is valid."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """``"tiny"`` or ``"variant=tiny,batch=8"`` -> ConfigDict over ``defaults``.
+
+  A bare word sets ``variant``. Values are cast to the type of their default.
+  """
+  out = ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep:
+      key, value = "variant", part
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r} is unknown; valid: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+# ------------------------------------------------------------------------------------
+# Presets.
+# ------------------------------------------------------------------------------------
+
+SDXL_BASE = "stable-diffusion-xl-base-1.0"
+
+
+def sdxl_teacher(weights_dir: str = f"weights/{SDXL_BASE}") -> ConfigDict:
+  """SDXL base 1.0: ε-prediction on the scaled-linear VP schedule, two CLIP encoders."""
+  return ConfigDict(dict(
+      family="sdxl",
+      weights_dir=weights_dir,           # written by `python -m adm_jax.convert`
+      source_name=SDXL_BASE,             # only used in the convert hint
+      dtype="bfloat16",                  # compute dtype of the frozen teacher
+      parameterization="epsilon",
+      num_train_timesteps=1000,
+      beta_start=0.00085,
+      beta_end=0.012,
+      beta_schedule="scaled_linear",
+      guidance_scale=8.0,                # DMD2 SDXL real-score CFG
+      resolution=1024,                   # pixels; latents are resolution / 8
+  ))
+
+
+def adamw(lr: float, *, warmup_steps: int = 500, grad_clip: float = 10.0,
+          weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999) -> ConfigDict:
+  """AdamW with linear warm-up then constant LR and global-norm clipping (DMD2 App. F)."""
+  return ConfigDict(dict(name="adamw", lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                         weight_decay=weight_decay, b1=b1, b2=b2))
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> list:
+  return [("data", data), ("fsdp", fsdp), ("tensor", tensor)]
+
+
+# First match wins; the frozen teacher is replicated or FSDP-sharded like the students.
+FSDP_RULES = [(".*", "fsdp")]
+REPLICATE_RULES = [(".*", "replicate")]
+
+
+def sample_settings(**overrides) -> ConfigDict:
+  """Teacher sampling (``--mode=sample``): the PF-ODE with CFG, as diffusers pipelines."""
+  base = dict(prompts=("a photo of a cat", "a watercolor painting of a lighthouse"),
+              num_steps=25, sampler="euler", spacing="trailing", guidance_scale=5.0,
+              num_per_prompt=2, seed=0)
+  base.update(overrides)
+  return ConfigDict(base)
+
+
+# ------------------------------------------------------------------------------------
+# Loading and checking.
+# ------------------------------------------------------------------------------------
+
+def load_config_file(spec: str) -> ConfigDict:
+  """``"configs/x.py:arg"`` -> ``get_config(arg)`` (the same split absl uses)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file not found: {path}")
+  mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _lookup(config: ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _has_key(config, dotted: str) -> tuple[bool, str, list[str]]:
+  node, done = config, []
+  for part in dotted.split("."):
+    if not isinstance(node, (ConfigDict, dict)) or part not in node:
+      keys = sorted(node.keys()) if isinstance(node, (ConfigDict, dict)) else []
+      return False, ".".join(done), keys
+    node = node[part]
+    done.append(part)
+  return True, dotted, []
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+  """Raises :class:`ConfigError` for ``--config.a.b=...`` flags naming unknown keys."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
+               if a.startswith("--config.")]
+  if spec is None or not overrides:
+    return
+  config = load_config_file(spec)
+  for key in overrides:
+    ok, parent, keys = _has_key(config, key)
+    if not ok:
+      where = f"under {parent!r}" if parent else "at the top level"
+      raise ConfigError(f"unknown config key {key!r}; valid keys {where}: {', '.join(keys)}")
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+  """Checks enumerated values (:data:`CHOICES`) and cross-field constraints."""
+  for key, choices in CHOICES.items():
+    ok, _, _ = _has_key(config, key)
+    if ok and _lookup(config, key) not in choices:
+      raise ConfigError(f"invalid value {_lookup(config, key)!r} for config key {key!r}; "
+                        f"valid choices: {', '.join(map(repr, choices))}")
+  if "family" in config and "teacher" in config and config.teacher.family != config.family:
+    raise ConfigError(f"config.teacher.family={config.teacher.family!r} differs from "
+                      f"config.family={config.family!r}")
+  return config
+
+
+def teacher_paths(teacher: ConfigDict, components: Sequence[str]) -> dict[str, Path]:
+  """Expected converted-weight folders; a missing one raises with the convert command."""
+  root = Path(teacher.weights_dir)
+  paths = {c: root / c for c in components}
+  missing = [str(p) for p in paths.values() if not p.exists()]
+  if missing:
+    hint = CONVERT_HINT.format(family=teacher.family, name=teacher.source_name, dst=root)
+    raise FileNotFoundError(
+        f"teacher weights not found: {', '.join(missing)}. Convert a diffusers checkpoint "
+        f"first:\n  {hint}\nor point config.teacher.weights_dir at converted weights.")
+  return paths
+
+
+def asdict(config: ConfigDict) -> dict[str, Any]:
+  return config.to_dict()

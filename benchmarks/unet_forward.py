@@ -1,0 +1,103 @@
+"""JAX (jitted) vs diffusers/torch UNet forward time on this machine's CPU.
+
+Builds the same mid-size SDXL-architecture UNet (``text_time`` conditioning, linear
+projections, transformer depth per block) in diffusers, converts it with our converter,
+and times one forward pass of each on the same inputs.
+
+  python benchmarks/unet_forward.py [--batch 2] [--size 32] [--repeats 10] [--threads N]
+
+Prints the median time of each (after warm-up / compilation), the ratio, and the max abs
+difference of the two outputs.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+MID_SIZE = dict(
+    sample_size=32, in_channels=4, out_channels=4, block_out_channels=(128, 256, 512),
+    layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                          "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 4),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256, cross_attention_dim=2048,
+    norm_num_groups=32)
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--size", type=int, default=32, help="latent height = width")
+  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--threads", type=int, default=os.cpu_count())
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from diffusers import UNet2DConditionModel
+  from flax import nnx
+
+  from adm_jax.convert import unet as convert_unet
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  ref = UNet2DConditionModel(**MID_SIZE).eval()
+  n_params = sum(p.numel() for p in ref.parameters())
+  with tempfile.TemporaryDirectory() as d:
+    ref.save_pretrained(d)
+    _, graphdef, params = convert_unet.load(d)
+
+  rng = np.random.default_rng(0)
+  b, s = args.batch, args.size
+  x = rng.standard_normal((b, 4, s, s), np.float32)
+  t = np.linspace(1, 999, b).astype(np.float32)
+  ctx = rng.standard_normal((b, 77, 2048), np.float32)
+  pooled = rng.standard_normal((b, 1280), np.float32)
+  tids = np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (b, 1))
+
+  tin = [torch.from_numpy(a) for a in (x, t, ctx, pooled, tids)]
+
+  def torch_fwd():
+    with torch.inference_mode():
+      return ref(tin[0], tin[1], tin[2],
+                 added_cond_kwargs=dict(text_embeds=tin[3], time_ids=tin[4])).sample
+
+  @jax.jit
+  def jax_fwd(params, x, t, cond):
+    return nnx.merge(graphdef, params)(x, t, cond)
+
+  params = jax.device_put(params)
+  jin = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+         dict(context=jnp.asarray(ctx), pooled=jnp.asarray(pooled), time_ids=jnp.asarray(tids)))
+  t0 = time.perf_counter()
+  out = jax_fwd(params, *jin).block_until_ready()
+  compile_s = time.perf_counter() - t0
+  out_t = torch_fwd()
+  diff = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - out_t.numpy()).max())
+
+  tj = _median_time(lambda: jax_fwd(params, *jin).block_until_ready(), args.repeats)
+  tt = _median_time(torch_fwd, args.repeats)
+  print(f"UNet forward, {n_params / 1e6:.1f}M params, batch {b}, latent {s}x{s}, "
+        f"context 77x2048, float32, {args.threads} CPU threads")
+  print(f"  jax   (jit, median of {args.repeats}): {tj * 1e3:8.1f} ms  "
+        f"(first call incl. compile {compile_s:.1f} s)")
+  print(f"  torch (eager, median of {args.repeats}): {tt * 1e3:8.1f} ms")
+  print(f"  ratio torch/jax: {tt / tj:.2f}x  (>1 means JAX is faster)")
+  print(f"  max |jax - torch|: {diff:.2e}")
+
+
+if __name__ == "__main__":
+  main()
