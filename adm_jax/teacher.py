@@ -1,0 +1,105 @@
+"""The frozen teacher: its converted components, its text path and its parameterisation.
+
+``load_teacher(config.teacher)`` reads the folders written by ``python -m adm_jax.convert``
+(a missing one stops at once with the convert command) and returns a :class:`Teacher`:
+a pure ``apply(params, x_t, model_time, cond)`` for the denoiser, its parameters (never
+given to an optimiser, never checkpointed), and the family's prompt encoder and VAE.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adm_jax import config_lib, conditioning, models, tree
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Part:
+  """One loaded component: ``nnx.merge(graphdef, params)`` is the module."""
+  config: Any
+  graphdef: Any
+  params: Any
+
+  def module(self):
+    return nnx.merge(self.graphdef, self.params)
+
+
+@dataclasses.dataclass
+class Teacher:
+  family: models.Family
+  parts: dict[str, Part]
+  tokenizers: dict[str, Any]
+  config: config_lib.ConfigDict
+
+  @property
+  def denoiser(self) -> Part:
+    return self.parts[self.family.denoiser]
+
+  def apply(self, params, x_t, model_time, cond):
+    """Raw denoiser output ``[B, ..., C]`` for latents ``x_t`` at ``model_time`` ``[B]``."""
+    return nnx.merge(self.denoiser.graphdef, params)(x_t, model_time, cond)
+
+  def encode_prompts(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
+    """Conditioning pytree for ``prompts`` at ``config.resolution``."""
+    res = self.config.resolution
+    ids = [conditioning.tokenize(self.tokenizers[t], prompts) for t in self.family.tokenizers]
+    time_ids = conditioning.sdxl_add_time_ids((res, res), (0, 0), (res, res), len(prompts))
+    return conditioning.encode_sdxl(self.parts["text_encoder"].module(),
+                                    self.parts["text_encoder_2"].module(), *ids,
+                                    time_ids=time_ids)
+
+  @property
+  def latent_shape(self) -> tuple[int, ...]:
+    """``(h, w, c)`` of one latent at ``config.resolution``."""
+    vae = self.parts["vae"].config
+    unet = self.denoiser.config
+    side = self.config.resolution // vae.downscale
+    return (side, side, unet.in_channels)
+
+
+def load_teacher(tcfg: config_lib.ConfigDict, *, components: Sequence[str] | None = None,
+                 shard: Callable[[Any], Any] | None = None) -> Teacher:
+  """Loads ``components`` (default: all of the family's) from ``tcfg.weights_dir``.
+
+  The denoiser computes in ``tcfg.dtype``; every other part in float32. ``shard`` maps an
+  abstract parameter state to one with shardings (see :mod:`adm_jax.sharding`).
+  """
+  fam = models.family(tcfg.family)
+  names = list(components or fam.components)
+  paths = config_lib.teacher_paths(tcfg, names)
+  parts = {}
+  for name in names:
+    dtype = DTYPES[tcfg.dtype] if name == fam.denoiser else jnp.float32
+    parts[name] = Part(*models.load_component(paths[name], dtype=dtype, shard=shard))
+  tokenizers = {}
+  if components is None:
+    tok_paths = config_lib.teacher_paths(tcfg, fam.tokenizers)
+    tokenizers = {t: conditioning.load_tokenizer(p) for t, p in tok_paths.items()}
+  return Teacher(fam, parts, tokenizers, tcfg)
+
+
+def describe(config: config_lib.ConfigDict, log=print) -> dict[str, int]:
+  """``--mode=check``: loads the teacher the config names and prints its sizes."""
+  teacher = load_teacher(config.teacher)
+  counts = {}
+  for name, part in teacher.parts.items():
+    counts[name] = tree.count(part.params)
+    log(f"{name:16s} {counts[name] / 1e6:10.2f} M parameters  "
+        f"({Path(config.teacher.weights_dir) / name})")
+  log(f"latent shape at {config.teacher.resolution}px: {teacher.latent_shape}")
+  return counts
+
+
+def latents_to_images(teacher: Teacher, latents: jax.Array) -> np.ndarray:
+  """Decodes latents with the family's VAE to uint8 ``[B, H, W, 3]``."""
+  vae = teacher.parts["vae"].module()
+  images = jax.jit(lambda z: vae.decode(z))(latents)
+  return np.asarray(jnp.clip((images + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
