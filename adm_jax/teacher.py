@@ -103,3 +103,13 @@ def latents_to_images(teacher: Teacher, latents: jax.Array) -> np.ndarray:
   vae = teacher.parts["vae"].module()
   images = jax.jit(lambda z: vae.decode(z))(latents)
   return np.asarray(jnp.clip((images + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
+
+
+def make_parameterization(tcfg: config_lib.ConfigDict, *, set_alpha_to_one: bool = True):
+  """The teacher's :class:`~adm_jax.parameterization.Parameterization` from its config."""
+  from adm_jax import parameterization, schedules
+  if tcfg.parameterization == "flow":
+    return parameterization.make("flow", shift=tcfg.get("shift", 1.0))
+  schedule = schedules.Schedule.vp(tcfg.num_train_timesteps, tcfg.beta_start, tcfg.beta_end,
+                                   tcfg.beta_schedule, set_alpha_to_one=set_alpha_to_one)
+  return parameterization.make(tcfg.parameterization, schedule)

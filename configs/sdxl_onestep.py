@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.teacher.weights_dir = "weights/tiny-sdxl"
     c.teacher.source_name = "tiny-sdxl"
     c.teacher.dtype = "float32"
-    c.teacher.resolution = 64
+    c.teacher.resolution = 32
     c.batch_size = 4
     c.sample = config_lib.sample_settings(num_steps=4, num_per_prompt=1)
   elif arg.variant != "full":

@@ -27,8 +27,6 @@ Array = jax.Array
 _DOWN = ("DownEncoderBlock2D",)
 _UP = ("UpDecoderBlock2D",)
 _ACTIVATIONS = ("silu", "swish")
-# Keys of a diffusers config.json that carry no architecture.
-_IGNORED = ("force_upcast",)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 RESNET_EPS = 1e-6   # hard-coded by diffusers' Encoder / Decoder for every norm
 
