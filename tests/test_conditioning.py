@@ -1,5 +1,4 @@
 """SDXL conditioning: prompt -> {context, pooled, time_ids} parity with diffusers."""
-import json
 
 import jax
 import jax.numpy as jnp
