@@ -87,13 +87,16 @@ def adamw(lr: float, *, warmup_steps: int = 500, grad_clip: float = 10.0,
                          weight_decay=weight_decay, b1=b1, b2=b2))
 
 
-def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> list:
-  return [("data", data), ("fsdp", fsdp), ("tensor", tensor)]
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple:
+  """Mesh axes as a tuple (tuples can be overridden on the command line:
+  ``--config.mesh="(('data', 2), ('fsdp', 4))"``)."""
+  return (("data", data), ("fsdp", fsdp), ("tensor", tensor))
 
 
 # First match wins; the frozen teacher is replicated or FSDP-sharded like the students.
-FSDP_RULES = [(".*", "fsdp")]
-REPLICATE_RULES = [(".*", "replicate")]
+# Parameters under 1 MB (norms, biases) stay replicated.
+FSDP_RULES = ((".*", "fsdp(min_size_mb=1)"),)
+REPLICATE_RULES = ((".*", "replicate"),)
 
 
 def sample_settings(**overrides) -> ConfigDict:

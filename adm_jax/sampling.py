@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adm_jax import conditioning, config_lib
+from adm_jax import conditioning, config_lib, sharding
 from adm_jax import parameterization as P
 from adm_jax import teacher as teacher_lib
 
@@ -71,13 +71,21 @@ def run(config: config_lib.ConfigDict, workdir: str) -> Path:
   """``--mode=sample``: prompts -> teacher PF-ODE with CFG -> VAE -> ``samples.png``."""
   from PIL import Image
   sc = config.sample
-  teacher = teacher_lib.load_teacher(config.teacher)
+  mesh = sharding.make_mesh(config.mesh)
+  teacher = teacher_lib.load_teacher(config.teacher, shard=lambda abstract: (
+      sharding.infer_abstract_params(abstract, config.sharding_rules, mesh)))
   param = teacher_lib.make_parameterization(config.teacher,
                                             set_alpha_to_one=sc.sampler == "euler")
   prompts = [p for p in sc.prompts for _ in range(sc.num_per_prompt)]
   cond = teacher.encode_prompts(prompts)
   uncond = conditioning.uncond_like(cond)
   noise = jax.random.normal(jax.random.key(sc.seed), (len(prompts), *teacher.latent_shape))
+  # The batch is split over data x fsdp when it divides; otherwise it is replicated.
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  place = (lambda a: sharding.batch_sharding(mesh, a.ndim)) if len(prompts) % n_batch == 0 \
+      else (lambda a: sharding.replicated(mesh))
+  noise, cond, uncond = jax.device_put((noise, cond, uncond), jax.tree.map(
+      place, (noise, cond, uncond)))
   sample = jax.jit(make_ode_sampler(teacher.apply, param, sc.num_steps, spacing=sc.spacing,
                                     cfg_scale=sc.guidance_scale, sampler=sc.sampler))
   latents = sample(teacher.denoiser.params, noise, cond, uncond)

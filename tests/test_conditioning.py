@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from adm_jax import conditioning  # noqa: E402
 from adm_jax.convert import clip  # noqa: E402
 from flax import nnx  # noqa: E402
+import tiny_sdxl  # noqa: E402
 from tiny_sdxl import write_tokenizer as _write_tokenizer  # noqa: E402
 
 TOL = 1e-4
@@ -33,14 +34,8 @@ def sdxl(tmp_path_factory):
   eos = tok1.eos_token_id
   assert eos == n - 1 and tok2.pad_token_id == 0
   torch.manual_seed(0)
-  common = dict(vocab_size=600, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, bos_token_id=eos - 1, pad_token_id=1)
   # As SDXL: text_encoder has the legacy eos_token_id 2, text_encoder_2 the real one.
-  te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      hidden_size=32, hidden_act="quick_gelu", eos_token_id=2, **common)).eval()
-  te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-      hidden_size=48, projection_dim=40, hidden_act="gelu", eos_token_id=eos,
-      **common)).eval()
+  te1, te2 = tiny_sdxl.text_encoders(eos)
   te1.save_pretrained(root / "text_encoder")
   te2.save_pretrained(root / "text_encoder_2")
   _, g1, s1 = clip.load(root / "text_encoder")

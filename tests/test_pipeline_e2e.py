@@ -36,11 +36,15 @@ def test_convert_then_sample_matches_diffusers_pipeline(tmp_path):
   steps, cfg = 4, 5.0
   _run("adm_jax.main", "--config=configs/sdxl_onestep.py:tiny", f"--workdir={work}",
        "--mode=sample", f"--config.teacher.weights_dir={dst}",
-       f"--config.sample.num_steps={steps}", f"--config.sample.guidance_scale={cfg}")
+       f"--config.sample.num_steps={steps}", f"--config.sample.guidance_scale={cfg}",
+       # 2 prompts x 4 = 8 samples: split over the 8 fake CPU devices (data axis), with the
+       # teacher FSDP-sharded by config.sharding_rules.
+       "--config.sample.num_per_prompt=4", "--config.mesh=(('data', 2), ('fsdp', 4))",
+       "--config.sharding_rules=(('.*', 'fsdp'),)")
   assert (work / "samples.png").stat().st_size > 0
   out = np.load(work / "samples.npz")
   latents, prompts = out["latents"], [str(p) for p in out["prompts"]]
-  assert out["images"].shape == (len(prompts), 32, 32, 3)
+  assert out["images"].shape == (8, 32, 32, 3)
 
   # diffusers with the same starting noise: ours is x_T = noise in VP scaling; diffusers'
   # Euler scales `latents` by init_noise_sigma = 1 / alpha_T into its VE form, the same
