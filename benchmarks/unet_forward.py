@@ -27,13 +27,16 @@ MID_SIZE = dict(
     norm_num_groups=32)
 
 
-def _median_time(fn, repeats):
-  times = []
+def _interleaved_medians(fns, repeats):
+  """Median wall time of each function, calls interleaved so that load on the machine
+  hits both alike."""
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+  return [float(np.median(ts)) for ts in times]
 
 
 def main():
@@ -88,11 +91,11 @@ def main():
   out_t = torch_fwd()
   diff = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - out_t.numpy()).max())
 
-  tj = _median_time(lambda: jax_fwd(params, *jin).block_until_ready(), args.repeats)
-  tt = _median_time(torch_fwd, args.repeats)
+  tj, tt = _interleaved_medians(
+      [lambda: jax_fwd(params, *jin).block_until_ready(), torch_fwd], args.repeats)
   print(f"UNet forward, {n_params / 1e6:.1f}M params, batch {b}, latent {s}x{s}, "
         f"context 77x2048, float32, {args.threads} CPU threads")
-  print(f"  jax   (jit, median of {args.repeats}): {tj * 1e3:8.1f} ms  "
+  print(f"  jax   (jit, median of {args.repeats}, interleaved): {tj * 1e3:8.1f} ms  "
         f"(first call incl. compile {compile_s:.1f} s)")
   print(f"  torch (eager, median of {args.repeats}): {tt * 1e3:8.1f} ms")
   print(f"  ratio torch/jax: {tt / tj:.2f}x  (>1 means JAX is faster)")

@@ -71,14 +71,16 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     shape = x.shape                                   # [B, ..., C]
-    c = shape[-1]
-    xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
-    y = xg.reshape(shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(
-        jnp.float32)
-    return y.astype(self.dtype)
+    b, c, g = shape[0], shape[-1], self.num_groups
+    xf = x.astype(jnp.float32).reshape(b, -1, c)       # [B, N, C]
+    # Reduce over the spatial axis first, then within groups: XLA's CPU backend is much
+    # faster at this than at one reduction over a [B, N, G, C/G] view (5x at SDXL sizes).
+    mean = xf.mean(1).reshape(b, g, c // g).mean(-1)   # [B, G]
+    d = xf - jnp.repeat(mean, c // g, axis=-1)[:, None, :]
+    var = jnp.square(d).mean(1).reshape(b, g, c // g).mean(-1)
+    y = d * jnp.repeat(jax.lax.rsqrt(var + self.eps), c // g, axis=-1)[:, None, :]
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.reshape(shape).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -107,11 +109,15 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None) -> Arr
   softmax run in float32; the result has the dtype of ``q``.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  # Batched matmuls on [B, H, L, D] (4-5x faster on XLA:CPU than the equivalent einsum on
+  # [B, L, H, D], and the layout TPU kernels want).
+  qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))                # [B, H, L, D]
+  logits = jnp.matmul(qt, jnp.swapaxes(kt, -1, -2),
+                      preferred_element_type=jnp.float32) * scale        # [B, H, Lq, Lk]
   if bias is not None:
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return jnp.swapaxes(jnp.matmul(weights, vt), 1, 2)                     # [B, Lq, H, D]
 
 
 def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool = True,
