@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from adm_jax import tree
+from adm_jax.convert import common
 from adm_jax.convert.common import (ConversionError, KeyTable, apply_table, export_table,
                                     read_json, read_tensors, write_safetensors)
 from adm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -45,14 +46,6 @@ def default_prefix(config: CLIPTextConfig) -> str:
   return PREFIX if config.with_projection else ""
 
 
-def _norm(torch_name: str, ours: str) -> KeyTable:
-  return {f"{torch_name}.weight": (f"{ours}.scale", "copy"),
-          f"{torch_name}.bias": (f"{ours}.bias", "copy")}
-
-
-def _linear(torch_name: str, ours: str) -> KeyTable:
-  return {f"{torch_name}.weight": (f"{ours}.kernel", "linear"),
-          f"{torch_name}.bias": (f"{ours}.bias", "copy")}
 
 
 def key_table(config: CLIPTextConfig, *, prefix: str | None = None) -> KeyTable:
@@ -73,10 +66,10 @@ def key_table(config: CLIPTextConfig, *, prefix: str | None = None) -> KeyTable:
   for i in range(config.num_hidden_layers):
     layer = f"encoder.layers.{i}"
     for name in _LINEARS:
-      table.update(_linear(f"{p}{layer}.{name}", f"{layer}.{name}"))
+      common.linear(table, f"{p}{layer}.{name}", f"{layer}.{name}")
     for name in _NORMS:
-      table.update(_norm(f"{p}{layer}.{name}", f"{layer}.{name}"))
-  table.update(_norm(f"{p}final_layer_norm", "final_layer_norm"))
+      common.norm(table, f"{p}{layer}.{name}", f"{layer}.{name}")
+  common.norm(table, f"{p}final_layer_norm", "final_layer_norm")
   if config.with_projection:
     table["text_projection.weight"] = ("text_projection.kernel", "linear")
   return table

@@ -51,6 +51,31 @@ LAYOUTS: dict[str, Layout] = {
 KeyTable = dict[str, tuple[str, str]]
 
 
+# Table rows for the three layer types every converter uses. ``ours`` defaults to the
+# torch module name: our modules carry the torch names, only the leaves differ.
+
+def linear(t: KeyTable, torch_name: str, ours: str | None = None, *, bias: bool = True):
+  """``torch.nn.Linear``: ``weight`` [out, in] -> ``kernel`` [in, out], ``bias``."""
+  ours = ours or torch_name
+  t[f"{torch_name}.weight"] = (f"{ours}.kernel", "linear")
+  if bias:
+    t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
+
+
+def conv(t: KeyTable, torch_name: str, ours: str | None = None):
+  """``torch.nn.Conv2d``: ``weight`` OIHW -> ``kernel`` HWIO, ``bias``."""
+  ours = ours or torch_name
+  t[f"{torch_name}.weight"] = (f"{ours}.kernel", "conv2d")
+  t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
+
+
+def norm(t: KeyTable, torch_name: str, ours: str | None = None):
+  """GroupNorm / LayerNorm: ``weight`` -> ``scale``, ``bias``."""
+  ours = ours or torch_name
+  t[f"{torch_name}.weight"] = (f"{ours}.scale", "copy")
+  t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
+
+
 def _listing(names, limit=20):
   names = sorted(names)
   more = f" ... and {len(names) - limit} more" if len(names) > limit else ""

@@ -20,64 +20,51 @@ from adm_jax.models.unet import UNet2DConditionModel, UNetConfig
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _linear(t: dict, torch_name: str, ours: str, bias: bool = True) -> None:
-  t[f"{torch_name}.weight"] = (f"{ours}.kernel", "linear")
-  if bias:
-    t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
 
-
-def _conv(t: dict, torch_name: str, ours: str) -> None:
-  t[f"{torch_name}.weight"] = (f"{ours}.kernel", "conv2d")
-  t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
-
-
-def _norm(t: dict, torch_name: str, ours: str) -> None:
-  t[f"{torch_name}.weight"] = (f"{ours}.scale", "copy")
-  t[f"{torch_name}.bias"] = (f"{ours}.bias", "copy")
 
 
 def _resnet(t: dict, p: str, shortcut: bool) -> None:
-  _norm(t, f"{p}.norm1", f"{p}.norm1")
-  _conv(t, f"{p}.conv1", f"{p}.conv1")
-  _linear(t, f"{p}.time_emb_proj", f"{p}.time_emb_proj")
-  _norm(t, f"{p}.norm2", f"{p}.norm2")
-  _conv(t, f"{p}.conv2", f"{p}.conv2")
+  common.norm(t, f"{p}.norm1")
+  common.conv(t, f"{p}.conv1")
+  common.linear(t, f"{p}.time_emb_proj")
+  common.norm(t, f"{p}.norm2")
+  common.conv(t, f"{p}.conv2")
   if shortcut:
-    _conv(t, f"{p}.conv_shortcut", f"{p}.conv_shortcut")
+    common.conv(t, f"{p}.conv_shortcut")
 
 
 def _attention(t: dict, p: str) -> None:
   for name in ("to_q", "to_k", "to_v"):
-    _linear(t, f"{p}.{name}", f"{p}.{name}", bias=False)
-  _linear(t, f"{p}.to_out.0", f"{p}.to_out.0")
+    common.linear(t, f"{p}.{name}", bias=False)
+  common.linear(t, f"{p}.to_out.0")
 
 
 def _transformer(t: dict, p: str, depth: int, linear_proj: bool) -> None:
-  _norm(t, f"{p}.norm", f"{p}.norm")
+  common.norm(t, f"{p}.norm")
   for name in ("proj_in", "proj_out"):
     if linear_proj:
-      _linear(t, f"{p}.{name}", f"{p}.{name}")
+      common.linear(t, f"{p}.{name}")
     else:
-      _conv(t, f"{p}.{name}", f"{p}.{name}")
+      common.conv(t, f"{p}.{name}")
   for d in range(depth):
     b = f"{p}.transformer_blocks.{d}"
     for n in ("norm1", "norm2", "norm3"):
-      _norm(t, f"{b}.{n}", f"{b}.{n}")
+      common.norm(t, f"{b}.{n}")
     _attention(t, f"{b}.attn1")
     _attention(t, f"{b}.attn2")
-    _linear(t, f"{b}.ff.net.0.proj", f"{b}.ff.net.0.proj")
-    _linear(t, f"{b}.ff.net.2", f"{b}.ff.net.2")
+    common.linear(t, f"{b}.ff.net.0.proj")
+    common.linear(t, f"{b}.ff.net.2")
 
 
 def _timestep_embedding(t: dict, p: str) -> None:
-  _linear(t, f"{p}.linear_1", f"{p}.linear_1")
-  _linear(t, f"{p}.linear_2", f"{p}.linear_2")
+  common.linear(t, f"{p}.linear_1")
+  common.linear(t, f"{p}.linear_2")
 
 
 def key_table(cfg: UNetConfig) -> common.KeyTable:
   """Every tensor of a diffusers UNet with architecture ``cfg``."""
   t: common.KeyTable = {}
-  _conv(t, "conv_in", "conv_in")
+  common.conv(t, "conv_in")
   _timestep_embedding(t, "time_embedding")
   if cfg.addition_embed_type == "text_time":
     _timestep_embedding(t, "add_embedding")
@@ -91,7 +78,7 @@ def key_table(cfg: UNetConfig) -> common.KeyTable:
         _transformer(t, f"down_blocks.{i}.attentions.{j}", cfg.down_transformer_layers[i][j],
                      cfg.use_linear_projection)
     if i < len(chans) - 1:
-      _conv(t, f"down_blocks.{i}.downsamplers.0.conv", f"down_blocks.{i}.downsamplers.0.conv")
+      common.conv(t, f"down_blocks.{i}.downsamplers.0.conv")
     cin = cout
   if cfg.mid_block_type is not None:
     for j in range(2):
@@ -109,9 +96,9 @@ def key_table(cfg: UNetConfig) -> common.KeyTable:
         _transformer(t, f"up_blocks.{i}.attentions.{j}", cfg.up_transformer_layers[i][j],
                      cfg.use_linear_projection)
     if i < len(rev) - 1:
-      _conv(t, f"up_blocks.{i}.upsamplers.0.conv", f"up_blocks.{i}.upsamplers.0.conv")
-  _norm(t, "conv_norm_out", "conv_norm_out")
-  _conv(t, "conv_out", "conv_out")
+      common.conv(t, f"up_blocks.{i}.upsamplers.0.conv")
+  common.norm(t, "conv_norm_out")
+  common.conv(t, "conv_out")
   return t
 
 

@@ -28,34 +28,22 @@ _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v",
                          "proj_attn": "to_out.0"}
 
 
-def _linear(t: dict, p: str) -> None:
-  t[f"{p}.weight"] = (f"{p}.kernel", "linear")
-  t[f"{p}.bias"] = (f"{p}.bias", "copy")
 
-
-def _conv(t: dict, p: str) -> None:
-  t[f"{p}.weight"] = (f"{p}.kernel", "conv2d")
-  t[f"{p}.bias"] = (f"{p}.bias", "copy")
-
-
-def _norm(t: dict, p: str) -> None:
-  t[f"{p}.weight"] = (f"{p}.scale", "copy")
-  t[f"{p}.bias"] = (f"{p}.bias", "copy")
 
 
 def _resnet(t: dict, p: str, shortcut: bool) -> None:
-  _norm(t, f"{p}.norm1")
-  _conv(t, f"{p}.conv1")
-  _norm(t, f"{p}.norm2")
-  _conv(t, f"{p}.conv2")
+  common.norm(t, f"{p}.norm1")
+  common.conv(t, f"{p}.conv1")
+  common.norm(t, f"{p}.norm2")
+  common.conv(t, f"{p}.conv2")
   if shortcut:
-    _conv(t, f"{p}.conv_shortcut")
+    common.conv(t, f"{p}.conv_shortcut")
 
 
 def _attention(t: dict, p: str) -> None:
-  _norm(t, f"{p}.group_norm")
+  common.norm(t, f"{p}.group_norm")
   for name in ("to_q", "to_k", "to_v", "to_out.0"):
-    _linear(t, f"{p}.{name}")
+    common.linear(t, f"{p}.{name}")
 
 
 def _mid_block(t: dict, p: str, attention: bool) -> None:
@@ -75,33 +63,33 @@ def key_table(config: AutoencoderKLConfig) -> common.KeyTable:
   ch = config.block_out_channels
   n = len(ch)
   # Encoder.
-  _conv(t, "encoder.conv_in")
+  common.conv(t, "encoder.conv_in")
   for i in range(n):
     cin = ch[max(i - 1, 0)]
     for j in range(config.layers_per_block):
       _resnet(t, f"encoder.down_blocks.{i}.resnets.{j}", j == 0 and cin != ch[i])
     if i < n - 1:
-      _conv(t, f"encoder.down_blocks.{i}.downsamplers.0.conv")
+      common.conv(t, f"encoder.down_blocks.{i}.downsamplers.0.conv")
   _mid_block(t, "encoder.mid_block", config.mid_block_add_attention)
-  _norm(t, "encoder.conv_norm_out")
-  _conv(t, "encoder.conv_out")
+  common.norm(t, "encoder.conv_norm_out")
+  common.conv(t, "encoder.conv_out")
   # Decoder.
   rev = tuple(reversed(ch))
-  _conv(t, "decoder.conv_in")
+  common.conv(t, "decoder.conv_in")
   _mid_block(t, "decoder.mid_block", config.mid_block_add_attention)
   for i in range(n):
     cin = rev[max(i - 1, 0)]
     for j in range(config.layers_per_block + 1):
       _resnet(t, f"decoder.up_blocks.{i}.resnets.{j}", j == 0 and cin != rev[i])
     if i < n - 1:
-      _conv(t, f"decoder.up_blocks.{i}.upsamplers.0.conv")
-  _norm(t, "decoder.conv_norm_out")
-  _conv(t, "decoder.conv_out")
+      common.conv(t, f"decoder.up_blocks.{i}.upsamplers.0.conv")
+  common.norm(t, "decoder.conv_norm_out")
+  common.conv(t, "decoder.conv_out")
   # 1x1 convs around the latent.
   if config.use_quant_conv:
-    _conv(t, "quant_conv")
+    common.conv(t, "quant_conv")
   if config.use_post_quant_conv:
-    _conv(t, "post_quant_conv")
+    common.conv(t, "post_quant_conv")
   return t
 
 
