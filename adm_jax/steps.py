@@ -1,0 +1,359 @@
+"""Pure train steps for every method: ``(state, teacher_params, batch, rng) -> (state, metrics)``.
+
+Builders close over a :class:`Nets` bundle (apply functions, optimisers, the teacher's
+parameterisation and the method's hyperparameters) and return pure functions that the
+trainer jits once with explicit shardings and donation. Nothing here knows the model
+family: networks are reached only through
+
+* ``apply(params, x_t, model_time, cond, features=False)`` -> raw output ``[B, ...]``
+  (and, with ``features``, a dict of intermediate features ``[B, h, w, c]``), and
+* the parameterisation adapter (``to_x0``, ``add_noise``, ``target``, ``ode_step``).
+
+The teacher's parameters are an argument, never part of the state: they are not donated,
+not given to an optimiser and receive no gradient (every use is under
+``stop_gradient``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adm_jax import losses
+from adm_jax import parameterization as P
+from adm_jax import schedules as S
+from adm_jax import tree
+from adm_jax.state import DistillState, NetState
+
+Array = jax.Array
+Apply = Callable[..., Any]
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class Nets:
+  """Everything a step needs besides the state (static; closed over by the builders).
+
+  Attributes:
+    param: the teacher's parameterisation; the students share it.
+    teacher: apply function of the frozen teacher (also the ADM discriminator backbone).
+    student: apply function of the generator and the fake score (the teacher's
+      architecture for real families; a small MLP for the exact-score toy).
+    disc: ``disc(params, features) -> logits [B]``: discriminator heads.
+    txs: ``{"generator" | "fake_score" | "discriminator": optax transform}``.
+    latent_shape: one sample's latent shape, e.g. ``(128, 128, 4)``.
+    gen_times: generator conditioning times, noisiest first (``(399,)`` for the SDXL
+      one-step student; ``(999, 749, 499, 249)`` for four steps).
+    cfg_scale: real-score (teacher) guidance.
+    hp: method hyperparameters (see :func:`default_hparams`).
+  """
+  param: P.Parameterization
+  teacher: Apply
+  student: Apply
+  disc: Apply | None
+  txs: Mapping[str, optax.GradientTransformation]
+  latent_shape: tuple[int, ...]
+  gen_times: tuple[float, ...]
+  cfg_scale: float
+  hp: Mapping[str, Any]
+
+
+def default_hparams(**overrides) -> dict:
+  """Official DMD2 values; ADM's Δt = T/64 (algorithms.md §1.1–1.2, §2.1)."""
+  hp = dict(dm_t_min=20, dm_t_max=980, gan_weight_g=5e-3, gan_weight_d=1e-2,
+            gan_loss="nonsaturating", gan_feature="mid", adm_dt_fraction=1 / 64,
+            regression="mse", dm_weight=1.0)
+  hp.update(overrides)
+  return hp
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _apply_grads(net: NetState, grads, tx, name: str):
+  """One optimiser update; returns the new net state and its l2 norms."""
+  updates, opt_state = tx.update(grads, net.opt_state, net.params)
+  params = optax.apply_updates(net.params, updates)
+  metrics = {f"{name}/grad_norm": tree.l2_norm(grads),
+             f"{name}/update_norm": tree.l2_norm(updates),
+             f"{name}/param_norm": tree.l2_norm(params)}
+  return net.replace(params=params, opt_state=opt_state, step=net.step + 1), metrics
+
+
+def _x0(nets: Nets, apply, params, x_t, t, cond):
+  """x0 prediction of a student network (no guidance) at ``t`` ``[B]``."""
+  out = apply(params, x_t, nets.param.model_time(t), cond)
+  return nets.param.to_x0(out, x_t, t)
+
+
+def _batch_t(value, b):
+  return jnp.full((b,), value, jnp.float32)
+
+
+def generate(nets: Nets, params, noise: Array, cond, k, rng) -> Array:
+  """Generator sample with DMD2 backward simulation (official ``sample_backward``).
+
+  ``k`` no-grad generator steps from pure noise (predict x0, re-noise with fresh noise to
+  the next conditioning time), then one step with gradient at ``gen_times[k]``. ``k`` is
+  the same on every device (drawn from the replicated step key). With one conditioning
+  time (``k = 0``) this is the one-step student: pure noise in, told ``t = gen_times[0]``.
+  """
+  times = jnp.asarray(nets.gen_times, jnp.float32)
+  b = noise.shape[0]
+
+  def body(i, x):
+    x0 = sg(_x0(nets, nets.student, params, x, _batch_t(times[i], b), cond))
+    eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)     # fresh noise
+    return nets.param.add_noise(x0, eps, _batch_t(times[i + 1], b))
+  x = jax.lax.fori_loop(0, k, body, noise) if len(nets.gen_times) > 1 else noise
+  return _x0(nets, nets.student, params, x, _batch_t(times[k], b), cond)
+
+
+def _draw_k(nets: Nets, rng):
+  """Backward-simulation depth ``k ~ U{0..N-1}`` (DMD2 §4.4), one value per step."""
+  return jax.random.randint(rng, (), 0, len(nets.gen_times))
+
+
+def _noise(nets: Nets, rng, cond) -> Array:
+  b = jax.tree.leaves(cond)[0].shape[0]
+  return jax.random.normal(rng, (b, *nets.latent_shape))
+
+
+def _disc_logits(nets: Nets, backbone: Apply, backbone_params, disc_params, x_t, t, cond):
+  """Discriminator = a frozen backbone's features at ``(x_t, t)`` + trainable heads.
+
+  DMD2: the fake-score network's mid-block (its params get the D-loss gradient in the
+  guidance turn). ADM: the frozen teacher's features at several levels.
+  """
+  _, feats = backbone(backbone_params, x_t, nets.param.model_time(t), cond, return_features=True)
+  return nets.disc(disc_params, feats)
+
+
+def _sample_t(rng, b, lo, hi):
+  return S.sample_uniform_int(rng, b, lo, hi).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------- fake score (+ D)
+
+
+def make_fake_score_step(nets: Nets, *, gan: bool = False) -> Callable:
+  """Fake-score update on stop-gradient generator samples (DMD2 ``compute_loss_fake``:
+  t ~ U[0, T), denoising loss in the teacher's parameterisation, no CFG).
+
+  With ``gan`` (DMD2) this is the whole "guidance turn": the fake score and the
+  classifier head on its mid-block features take one step on
+  ``L_fake + gan_weight_d * L_D`` (DMD2 Eq. 4 with diffusion-GAN noising).
+  """
+  hp = nets.hp
+
+  def step(state: DistillState, teacher_params, batch, rng):
+    del teacher_params                      # the guidance turn never reads the teacher
+    r = jax.random.split(rng, 6)
+    cond = batch["cond"]
+    noise = _noise(nets, r[0], cond)
+    x0 = sg(generate(nets, state.generator.params, noise, cond, _draw_k(nets, r[1]), r[2]))
+    b = x0.shape[0]
+    t = _t_uniform(nets, r[3], b)
+    eps = jax.random.normal(r[4], x0.shape)
+
+    def loss_fn(fake_params, disc_params):
+      loss = losses.fake_score_loss(nets.student, fake_params, x0, eps, t, cond, nets.param)
+      metrics = {"fake_score/loss": loss}
+      if gan:
+        d_loss, m = _dmd2_d_loss(nets, fake_params, disc_params, x0, batch, r[5])
+        loss = loss + hp["gan_weight_d"] * d_loss
+        metrics.update(m)
+      return loss, metrics
+
+    disc_params = state.discriminator.params if gan else None
+    (_, metrics), (g_fake, g_disc) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                        has_aux=True)(
+        state.fake_score.params, disc_params)
+    fake, m = _apply_grads(state.fake_score, g_fake, nets.txs["fake_score"], "fake_score")
+    metrics.update(m)
+    state = state.replace(fake_score=fake)
+    if gan:
+      disc, m = _apply_grads(state.discriminator, g_disc, nets.txs["discriminator"],
+                             "discriminator")
+      metrics.update(m)
+      state = state.replace(discriminator=disc)
+    return state, metrics
+  return step
+
+
+def _t_uniform(nets: Nets, rng, b):
+  """Integer t ~ U{0..T-1} on VP schedules, continuous U(0, 1) on flow."""
+  sched = nets.param.schedule
+  if sched.is_vp:
+    return _sample_t(rng, b, 0, sched.num_train_timesteps - 1)
+  return S.sample_uniform(rng, b, 0.0, 1.0)
+
+
+def _dmd2_d_loss(nets: Nets, fake_params, disc_params, x0_fake, batch, rng):
+  """DMD2 D loss: real latents and generator samples, each noised at its own t (diffusion
+  GAN, t ~ U[0, T)), scored by the head on the fake score's features (official
+  ``compute_guidance_clean_cls_loss``: softplus(D_fake) + softplus(-D_real))."""
+  d_fn, _ = losses.GAN_LOSSES[nets.hp["gan_loss"]]
+  r = jax.random.split(rng, 4)
+  real = batch["real"]
+  b = real.shape[0]
+  t_f, t_r = _t_uniform(nets, r[0], x0_fake.shape[0]), _t_uniform(nets, r[1], b)
+  xf = nets.param.add_noise(x0_fake, jax.random.normal(r[2], x0_fake.shape), t_f)
+  xr = nets.param.add_noise(real, jax.random.normal(r[3], real.shape), t_r)
+  lf = _disc_logits(nets, nets.student, fake_params, disc_params, xf, t_f, batch["cond"])
+  lr = _disc_logits(nets, nets.student, fake_params, disc_params, xr, t_r,
+                    batch["real_cond"])
+  loss = d_fn(lr, lf)
+  return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
+                "discriminator/fake_logit": lf.mean()}
+
+
+# ------------------------------------------------------------------------- DMD2 G
+
+
+def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
+  """DMD2 generator update: distribution matching (DMD2 Eq. 2 as implemented in
+  ``compute_distribution_matching_loss``) + the non-saturating GAN term."""
+  hp = nets.hp
+
+  def step(state: DistillState, teacher_params, batch, rng):
+    r = jax.random.split(rng, 7)
+    cond, uncond = batch["cond"], batch.get("uncond")
+    noise = _noise(nets, r[0], cond)
+    k = _draw_k(nets, r[1])
+    fake_params = sg(state.fake_score.params)
+    disc_params = sg(state.discriminator.params) if gan else None
+
+    def loss_fn(gen_params):
+      x0 = generate(nets, gen_params, noise, cond, k, r[2])              # [B, ...]
+      b = x0.shape[0]
+      # DM loss: t ~ U{20..980}, noising and both scores without gradient.
+      t = _sample_t(r[3], b, hp["dm_t_min"], hp["dm_t_max"]) if nets.param.schedule.is_vp \
+          else S.sample_uniform(r[3], b, hp["dm_t_min"] / 1000, hp["dm_t_max"] / 1000)
+      x_t = sg(nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t))
+      x0_real = P.predict_x0(nets.teacher, sg(teacher_params), x_t, t, cond, uncond,
+                             nets.cfg_scale, param=nets.param)
+      x0_fake = _x0(nets, nets.student, fake_params, x_t, t, cond)
+      l_dm, aux = losses.dm_loss(x0, x0_real, x0_fake)
+      loss = hp["dm_weight"] * l_dm
+      metrics = {"generator/dm_loss": l_dm, **{f"generator/{k_}": v for k_, v in aux.items()}}
+      if gan:
+        _, g_fn = losses.GAN_LOSSES[hp["gan_loss"]]
+        t_g = _t_uniform(nets, r[5], b)
+        x_g = nets.param.add_noise(x0, jax.random.normal(r[6], x0.shape), t_g)
+        l_g = g_fn(_disc_logits(nets, nets.student, fake_params, disc_params, x_g, t_g,
+                                cond))
+        loss = loss + hp["gan_weight_g"] * l_g
+        metrics["generator/gan_loss"] = l_g
+      metrics["generator/loss"] = loss
+      return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
+    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
+    return state.replace(generator=gen), {**metrics, **m}
+  return step
+
+
+# -------------------------------------------------------------------------------- ADM
+
+
+def _adm_dt(nets: Nets) -> float:
+  """ADM's Δt = T/64 (algorithms.md §2.1), in the schedule's own time units."""
+  return nets.hp["adm_dt_fraction"] * nets.param.schedule.time_span
+
+
+def _adm_t(nets: Nets, rng, b):
+  """t ~ U(Δt, t_max) so that t - Δt stays on the schedule (fractional on VP)."""
+  return S.sample_uniform(rng, b, _adm_dt(nets), nets.param.schedule.t_max)
+
+
+def _adm_next(nets: Nets, apply, params, x_t, t, cond, uncond=None, cfg=1.0):
+  """One PF-ODE step of length Δt from ``x_t`` with a score network (ADM's
+  "latent prediction" x_{t-Δt}); CFG for the real score only."""
+  x0 = P.predict_x0(apply, params, x_t, t, cond, uncond, cfg, param=nets.param)
+  return nets.param.ode_step(x_t, x0, t, t - _adm_dt(nets))
+
+
+def make_adm_generator_step(nets: Nets) -> Callable:
+  """ADM generator update: L_G = -E[D(x^fake_{t-Δt}, t-Δt)] (hinge generator loss); the
+  gradient reaches θ through x_t and the frozen fake score's ODE step."""
+
+  def step(state: DistillState, teacher_params, batch, rng):
+    r = jax.random.split(rng, 5)
+    cond = batch["cond"]
+    noise = _noise(nets, r[0], cond)
+    k = _draw_k(nets, r[1])
+    fake_params, disc_params = sg(state.fake_score.params), sg(state.discriminator.params)
+
+    def loss_fn(gen_params):
+      x0 = generate(nets, gen_params, noise, cond, k, r[2])
+      t = _adm_t(nets, r[3], x0.shape[0])
+      x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
+      fake_next = _adm_next(nets, nets.student, fake_params, x_t, t, cond)
+      logits = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, fake_next,
+                            t - _adm_dt(nets), cond)
+      loss = losses.hinge_g(logits)
+      return loss, {"generator/loss": loss, "generator/adm_fake_logit": logits.mean()}
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
+    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
+    return state.replace(generator=gen), {**metrics, **m}
+  return step
+
+
+def make_adm_discriminator_step(nets: Nets) -> Callable:
+  """ADM discriminator update: hinge on the teacher's (CFG) vs the fake score's ODE step
+  from the same x_t (data-free: no real images)."""
+
+  def step(state: DistillState, teacher_params, batch, rng):
+    r = jax.random.split(rng, 5)
+    cond, uncond = batch["cond"], batch.get("uncond")
+    noise = _noise(nets, r[0], cond)
+    x0 = sg(generate(nets, state.generator.params, noise, cond, _draw_k(nets, r[1]), r[2]))
+    t = _adm_t(nets, r[3], x0.shape[0])
+    x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
+    real_next = sg(_adm_next(nets, nets.teacher, teacher_params, x_t, t, cond, uncond,
+                             nets.cfg_scale))
+    fake_next = sg(_adm_next(nets, nets.student, state.fake_score.params, x_t, t, cond))
+    t_next = t - _adm_dt(nets)
+
+    def loss_fn(disc_params):
+      lr = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, real_next,
+                        t_next, cond)
+      lf = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, fake_next,
+                        t_next, cond)
+      loss = losses.hinge_d(lr, lf)
+      return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
+                    "discriminator/fake_logit": lf.mean()}
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.discriminator.params)
+    disc, m = _apply_grads(state.discriminator, grads, nets.txs["discriminator"],
+                           "discriminator")
+    return state.replace(discriminator=disc), {**metrics, **m}
+  return step
+
+
+# ------------------------------------------------------------------------- regression
+
+
+def make_regression_step(nets: Nets) -> Callable:
+  """ODE-pair regression pre-training (DMD2 one-step recipe; ADM ablation A1): the
+  one-step generator maps the pair's noise to the teacher's latent; loss from config."""
+
+  def step(state: DistillState, teacher_params, batch, rng):
+    del teacher_params
+    cond, noise, target = batch["cond"], batch["pair_noise"], batch["pair_latent"]
+
+    def loss_fn(gen_params):
+      x0 = generate(nets, gen_params, noise, cond, 0, rng)
+      loss = losses.regression_loss(x0, target, nets.hp["regression"])
+      return loss, {"generator/regression_loss": loss}
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
+    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
+    return state.replace(generator=gen), {**metrics, **m}
+  return step
