@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "huggingface_hub==2.4.0",
     "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
     "pillow==13.0.0",
 ]
 

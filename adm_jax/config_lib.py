@@ -19,7 +19,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # key path -> valid values. Checked by validate(); extended as features land.
 CHOICES: dict[str, tuple] = {
-    "family": ("sdxl",),
+    "family": ("sdxl", "toy"),
     "method": ("dmd2", "adm", "adp", "dmdx", "regression"),
     "teacher.dtype": ("float32", "bfloat16"),
     "teacher.parameterization": ("epsilon", "v_prediction", "flow"),
@@ -78,6 +78,13 @@ def sdxl_teacher(weights_dir: str = f"weights/{SDXL_BASE}") -> ConfigDict:
       guidance_scale=8.0,                # DMD2 SDXL real-score CFG
       resolution=1024,                   # pixels; latents are resolution / 8
   ))
+
+
+def toy_teacher() -> ConfigDict:
+  """The exact-score 2-D mixture: ε-prediction on SDXL's VP schedule, CFG 2."""
+  return ConfigDict(dict(family="toy", parameterization="epsilon", num_train_timesteps=1000,
+                         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         guidance_scale=2.0, dtype="float32"))
 
 
 def adamw(lr: float, *, warmup_steps: int = 500, grad_clip: float = 10.0,

@@ -1,6 +1,8 @@
 r"""Entry point: ``python -m adm_jax.main --config=configs/<file>.py[:arg] --workdir=DIR``.
 
 Modes:
+  train   distil: the method in ``config.method`` through the one trainer
+          (``adm_jax/train.py``), resuming from ``DIR/checkpoints`` if present.
   sample  load the converted teacher, run its PF-ODE sampler with CFG on
           ``config.sample.prompts`` and write ``DIR/samples.png`` (+ ``samples.npz``).
   check   validate the config and the teacher weights it names, print the model sizes.
@@ -17,20 +19,25 @@ from ml_collections import config_flags
 
 from adm_jax import config_lib
 
-MODES = ("sample", "check")
+MODES = ("train", "sample", "check")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (and :arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
-_MODE = flags.DEFINE_enum("mode", "sample", MODES, "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 
 
 def _main(argv):
   del argv
+  # Orbax logs every save step at INFO; our own progress lines are printed.
+  logging.set_verbosity(logging.WARNING)
   config = config_lib.validate(_CONFIG.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  if _MODE.value == "check":
+  if _MODE.value == "train":
+    from adm_jax import train
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "check":
     from adm_jax import teacher
     teacher.describe(config)
   elif _MODE.value == "sample":

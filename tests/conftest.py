@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests build the same step functions many times (every trainer run re-jits them); a
+# persistent compilation cache shared by the xdist workers turns repeats into lookups.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("ADM_JAX_TEST_CACHE", "/tmp/adm_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_configure(config):
