@@ -58,7 +58,7 @@ def _toy_problem(config, mesh) -> Problem:
   del mesh
   mixture = toy.ToyMixture.ring(**config.toy.mixture)
   param = teacher_lib.make_parameterization(config.teacher)
-  student = toy.ToyDenoiser(toy.ToyConfig(**config.toy.student), rngs=nnx.Rngs(config.seed))
+  student = toy.init_denoiser(toy.ToyConfig(**config.toy.student), config.seed)
   graphdef, params = nnx.split(student)
   # "Initialised from the teacher": the exact teacher has no weights, so the students
   # start as an MLP regressed onto it.

@@ -42,6 +42,8 @@ KINDS: dict[str, ComponentKind] = {
                          "from_diffusers", "to_diffusers"),
     "clip_text": ComponentKind("adm_jax.convert.clip", "adm_jax.models.clip_text",
                                "CLIPTextConfig", "from_hf", "to_hf"),
+    "toy_mlp": ComponentKind("adm_jax.models.toy", "adm_jax.models.toy", "ToyConfig",
+                             "from_dict", "to_dict"),
 }
 
 
@@ -62,6 +64,10 @@ FAMILIES: dict[str, Family] = {
         denoiser="unet",
         tokenizers=("tokenizer", "tokenizer_2"),
         parameterization="epsilon"),
+    # The exact-score 2-D mixture: its teacher has no weights (adm_jax.models.toy); the
+    # component is the MLP used for the generator and the fake score.
+    "toy": Family(name="toy", components={"denoiser": "toy_mlp"}, denoiser="denoiser",
+                  tokenizers=(), parameterization="epsilon"),
 }
 
 

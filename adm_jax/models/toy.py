@@ -27,8 +27,10 @@ Pieces:
   in the parameterisation's own convention (ε / v / flow velocity); ``params`` is
   ignored.
 * :class:`ToyDenoiser` (+ :class:`ToyConfig`): a small NNX MLP with the UNet's call
-  convention, used as generator / fake score; :func:`fit_to_teacher` regresses it onto
-  the exact teacher in about a second.
+  convention, used as generator / fake score; :func:`init_denoiser` builds one without
+  compiling, :func:`denoiser_apply` gives its trainer-style ``apply`` and
+  :func:`fit_to_teacher` regresses it onto the exact teacher (a few seconds on CPU, most
+  of it compilation, once per architecture).
 * Component-kind functions (:func:`abstract_model`, :func:`key_table`, :func:`load`,
   :func:`export`) so ``"toy_mlp"`` can live in :data:`adm_jax.models.KINDS`; the
   on-disk layout is ``config.json`` + ``model.safetensors`` keyed by our own dotted
@@ -189,7 +191,7 @@ class ToyMixture:
     n = z.shape[0]
     if label is None:
       # (A [K] table, not a [n, K] constant: XLA would constant-fold the latter slowly.)
-      cdf = jnp.cumsum(_f32(self.weights))[None, :]                      # [1, K]
+      cdf = jnp.cumsum(_f32(self.weights))[None, :]                    # [1, K]
     else:
       cdf = jnp.cumsum(jax.nn.softmax(self.log_weights(label, n), axis=-1), axis=-1)
     k = jnp.sum(u[:, None] >= cdf[:, :-1], axis=-1)                    # [n] in [0, K)
@@ -479,17 +481,31 @@ def denoiser_apply(graphdef) -> Callable[..., Any]:
 
 def init_denoiser(config: ToyConfig = ToyConfig(), seed: int = 0, *, dtype=jnp.float32,
                   param_dtype=jnp.float32) -> ToyDenoiser:
-  """``ToyDenoiser(config, rngs=nnx.Rngs(seed))`` with the initialisers run as one
-  jitted program (eager NNX init compiles every random op separately; several times
-  slower on CPU). Same parameters as the eager constructor."""
-  graphdef, _ = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-  return nnx.merge(graphdef, _init_params(config, int(seed), dtype, param_dtype))
+  """A freshly initialised :class:`ToyDenoiser`, drawn with numpy (no compilation).
 
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _init_params(config, seed, dtype, param_dtype):
-  return nnx.split(ToyDenoiser(config, dtype=dtype, param_dtype=param_dtype,
-                               rngs=nnx.Rngs(seed)))[1]
+  Eager NNX construction (``ToyDenoiser(config, rngs=nnx.Rngs(seed))``) compiles every
+  initialiser separately and takes seconds on CPU; this builds the abstract model and
+  fills it from ``np.random.default_rng(seed)`` with flax's default distributions, minus
+  the truncation: kernels ``N(0, 1 / fan_in)``, label embedding ``N(0, 1 / H)``, biases
+  0, norm scales 1. Deterministic in ``seed``; not bit-equal to the eager constructor.
+  """
+  graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, leaf in tree.flatten(abstract).items():
+    shape, name = tuple(leaf.shape), path.rsplit(".", 1)[-1]
+    if name == "kernel":
+      v = rng.standard_normal(shape) / math.sqrt(shape[0])
+    elif name == "embedding":
+      v = rng.standard_normal(shape) / math.sqrt(shape[-1])
+    elif name == "scale":
+      v = np.ones(shape)
+    elif name == "bias":
+      v = np.zeros(shape)
+    else:
+      raise ValueError(f"init_denoiser: no initialiser for parameter {path!r}")
+    flat[path] = jnp.asarray(v, param_dtype)
+  return nnx.merge(graphdef, tree.unflatten_like(abstract, flat))
 
 
 def fit_to_teacher(model: ToyDenoiser, mixture: ToyMixture, param, steps: int = 500,
