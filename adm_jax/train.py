@@ -207,6 +207,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
   progress = metrics_lib.Progress(start, config.total_steps)
   incr = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0,
                  out_shardings=shardings)
+  ema = jax.jit(lambda s: state_lib.update_ema(s, config.ema_decay), donate_argnums=0,
+                out_shardings=shardings)
   history, last_log = [], start
   try:
     for step in range(start, config.total_steps):
@@ -216,6 +218,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
         if step % every == 0:
           state, m = fn(state, teacher_params, batch, jax.random.fold_in(key, i))
           history.append(m)
+          if name == "generator" and config.ema_decay > 0:
+            state = ema(state)
       state = incr(state)
       done = step + 1
       if metrics_lib.itstime(done, config.log_every, config.total_steps):

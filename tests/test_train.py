@@ -48,7 +48,15 @@ def test_dmd2_logs_checkpoints_and_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("method", ["adm", "regression"])
 def test_other_methods_train(method, tmp_path):
-  state = train.train_and_evaluate(_config(method), str(tmp_path))
+  config = _config(method, ema_decay=0.5)
+  state = train.train_and_evaluate(config, str(tmp_path))
+  # The EMA (decay 0.5) followed the generator away from the initial parameters but
+  # lags it: closer to the generator than the start is, and not equal to it.
+  init = train.PROBLEMS["toy"](config, None).student_params
+  dist = lambda a, b: sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  g, e = state.generator.params, state.generator_ema
+  assert 0 < dist(e, g) < dist(init, g)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert int(state.generator.step) == 12
   want = {"adm": "discriminator/loss", "regression": "generator/regression_loss"}[method]

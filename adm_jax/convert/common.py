@@ -252,3 +252,18 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
             metadata=dict(metadata or {}))
+
+
+def write_folder(out_dir: str | Path, params, table: KeyTable, *, weights_name: str,
+                 config: Mapping, what: str) -> Path:
+  """Exports ``params`` (``nnx.State`` or flat dict) through ``table`` as a
+  diffusers / transformers folder: ``weights_name`` (safetensors) + ``config.json``."""
+  from adm_jax import tree  # late: tree imports flax, which converters load anyway
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  write_safetensors(out_dir / weights_name, export_table(flat, table, what=what),
+                    metadata={"format": "pt"})
+  with open(out_dir / "config.json", "w") as f:
+    json.dump(dict(config), f, indent=2, sort_keys=True)
+  return out_dir

@@ -24,17 +24,14 @@ conversion, as does a missing one.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from adm_jax import tree
 from adm_jax.convert import common
-from adm_jax.convert.common import (KeyTable, apply_table, export_table, read_json,
-                                    read_tensors, write_safetensors)
+from adm_jax.convert.common import (KeyTable, apply_table, read_json, read_tensors)
 from adm_jax.models.sam import FULL_MODEL_TYPE, SamVisionConfig, SamVisionEncoder
 
 PREFIX = "vision_encoder."
@@ -134,11 +131,6 @@ def export(config: SamVisionConfig, params_state, out_dir: str | Path) -> Path:
   Returns:
     ``out_dir`` as a Path.
   """
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.asarray(v) for k, v in tree.flatten(params_state).items()}
-  tensors = export_table(flat, key_table(config), what="SAM vision encoder")
-  write_safetensors(out_dir / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-  with open(out_dir / CONFIG_NAME, "w") as f:
-    json.dump(config.to_hf(), f, indent=2, sort_keys=True)
-  return out_dir
+  return common.write_folder(out_dir, params_state, key_table(config),
+                             weights_name=WEIGHTS_NAME, config=config.to_hf(),
+                             what="SAM vision encoder")
