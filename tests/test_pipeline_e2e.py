@@ -42,6 +42,11 @@ def test_convert_then_sample_matches_diffusers_pipeline(tmp_path):
        "--config.sample.num_per_prompt=4", "--config.mesh=(('data', 2), ('fsdp', 4))",
        "--config.sharding_rules=(('.*', 'fsdp'),)")
   assert (work / "samples.png").stat().st_size > 0
+  r = _run("adm_jax.main", "--config=configs/sdxl_onestep.py:tiny", f"--workdir={work}",
+           "--mode=check", f"--config.teacher.weights_dir={dst}")
+  n_unet = sum(p.numel() for p in pipe.unet.parameters())
+  assert f"unet             {n_unet / 1e6:10.2f} M parameters" in r.stdout
+  assert "latent shape at 32px: (16, 16, 4)" in r.stdout
   out = np.load(work / "samples.npz")
   latents, prompts = out["latents"], [str(p) for p in out["prompts"]]
   assert out["images"].shape == (8, 32, 32, 3)
@@ -59,7 +64,7 @@ def test_convert_then_sample_matches_diffusers_pipeline(tmp_path):
   np.testing.assert_allclose(latents, ref, atol=2e-4, rtol=0)
 
 
-def test_check_mode_prints_sizes(tmp_path):
+def test_partial_conversion_names_the_missing_tokenizer(tmp_path):
   src, dst = tmp_path / "tiny-sdxl", tmp_path / "weights"
   tiny_sdxl.build_pipeline(src)
   _run("adm_jax.convert", f"--src={src}", f"--dst={dst}", "--components=unet,vae")
