@@ -128,21 +128,25 @@ def method_plan(config, nets: steps.Nets) -> list[tuple[str, Callable, int]]:
                                f"regression")
 
 
-def _networks(method: str) -> tuple[str, ...]:
-  return {"regression": ("generator",), "adm": state_lib.NETWORKS}.get(
-      method, state_lib.NETWORKS)
+def _networks(config) -> tuple[str, ...]:
+  """The networks ``config.method`` trains."""
+  if config.method == "regression":
+    return ("generator",)
+  if config.method == "dmd2" and not config.dmd2.gan:
+    return ("generator", "fake_score")
+  return state_lib.NETWORKS
 
 
 # ------------------------------------------------------------------------------ setup
 
 
-def _feature_specs(problem: Problem, backbone: str, names) -> dict:
+def _feature_specs(problem: Problem, backbone: str, names, example_cond) -> dict:
   """``{name: (channels, resolution)}`` of the backbone's features, by shape inference."""
   apply, params = ((problem.student, problem.student_params) if backbone == "student"
                    else (problem.teacher, problem.teacher_params))
   x = jax.ShapeDtypeStruct((1, *problem.latent_shape), jnp.float32)
   cond = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype),
-                      problem.batch(0)["cond"])
+                      example_cond)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   _, feats = jax.eval_shape(lambda p, x, t, c: apply(p, x, t, c, return_features=True),
                             params, x, t, cond)
@@ -154,36 +158,41 @@ def _feature_specs(problem: Problem, backbone: str, names) -> dict:
 
 
 def build(config, mesh):
-  """Problem, Nets, initial-state function, state shardings and the step plan."""
+  """Problem, an example batch, Nets, the state initialiser and its arguments, the
+  abstract state, its shardings and the step plan."""
   if config.family not in PROBLEMS:
     raise config_lib.ConfigError(
         f"training is not available for family {config.family!r} yet; valid: "
         f"{', '.join(PROBLEMS)}")
   problem = PROBLEMS[config.family](config, mesh)
-  nets_used = _networks(config.method)
-  backbone = "student" if config.method == "dmd2" else "teacher"
-  disc_apply, disc_params = (problem.make_disc(_feature_specs(
-      problem, backbone, config.disc.features)) if "discriminator" in nets_used
-      and (config.method != "dmd2" or config.dmd2.gan) else (None, None))
+  example = problem.batch(0)
+  nets_used = _networks(config)
+  disc_apply = disc_params = None
+  if "discriminator" in nets_used:
+    backbone = "student" if config.method == "dmd2" else "teacher"
+    disc_apply, disc_params = problem.make_disc(_feature_specs(
+        problem, backbone, config.disc.features, example["cond"]))
   txs = {n: optim.make_optimizer(config.optim[n]) for n in nets_used}
   nets = steps.Nets(param=problem.param, teacher=problem.teacher, student=problem.student,
                     disc=disc_apply, txs=txs, latent_shape=problem.latent_shape,
                     gen_times=tuple(float(t) for t in config.student.times),
                     cfg_scale=config.teacher.guidance_scale,
                     hp=steps.default_hparams(**config.hparams))
-  copy = lambda p: jax.tree.map(jnp.copy, p)
-  init = functools.partial(
-      state_lib.init_state, copy(problem.student_params),
-      copy(problem.student_params) if "fake_score" in nets_used else None,
-      disc_params, txs, ema=config.ema_decay > 0, seed=config.seed)
-  abstract = state_lib.abstract_state(init)
+  # Parameters are arguments of the (jitted) initialiser, not closed-over constants: a
+  # closure would embed every weight in the compiled program.
+  init = functools.partial(state_lib.init_state, txs=txs, ema=config.ema_decay > 0,
+                           seed=config.seed)
+  init_args = (problem.student_params,
+               problem.student_params if "fake_score" in nets_used else None, disc_params)
+  abstract = jax.eval_shape(init, *init_args)
   rules = {n: config.sharding_rules for n in state_lib.NETWORKS}
   shardings = state_lib.state_shardings(abstract, rules, mesh)
-  return problem, nets, init, abstract, shardings, method_plan(config, nets)
+  return dict(problem=problem, example=example, nets=nets, init=init, init_args=init_args,
+              abstract=abstract, shardings=shardings, plan=method_plan(config, nets))
 
 
-def _jit_plan(plan, problem, shardings, mesh):
-  batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), problem.batch(0))
+def _jit_plan(plan, problem, example, shardings, mesh):
+  batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), example)
   teacher_sh = jax.tree.map(lambda _: sharding.replicated(mesh), problem.teacher_params)
   jitted = [(name, jax.jit(fn, in_shardings=(shardings, teacher_sh, batch_sh, None),
                            out_shardings=(shardings, None), donate_argnums=0), every)
@@ -197,12 +206,13 @@ def _jit_plan(plan, problem, shardings, mesh):
 def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
   """Runs ``config.total_steps`` iterations (resuming if possible); returns the state."""
   mesh = sharding.make_mesh(config.mesh)
-  problem, nets, init, abstract, shardings, plan = build(config, mesh)
-  jitted, batch_sh, teacher_sh = _jit_plan(plan, problem, shardings, mesh)
+  b = build(config, mesh)
+  problem, shardings = b["problem"], b["shardings"]
+  jitted, batch_sh, teacher_sh = _jit_plan(b["plan"], problem, b["example"], shardings, mesh)
   teacher_params = jax.device_put(problem.teacher_params, teacher_sh)
   ckptr = checkpoint.TrainCheckpointer(checkpoint.checkpoint_dir(workdir),
                                        max_to_keep=config.keep_checkpoints)
-  state, start = _initial_state(config, workdir, ckptr, init, abstract, shardings)
+  state, start = _initial_state(config, workdir, ckptr, b, shardings)
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(start, config.total_steps)
   incr = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0,
@@ -240,16 +250,16 @@ def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
   return state
 
 
-def _initial_state(config, workdir, ckptr, init, abstract, shardings):
+def _initial_state(config, workdir, ckptr, b, shardings):
   resume = checkpoint.resolve_resume(workdir, config.get("resume") or None,
                                      init_from_teacher=True)
   if resume.source in ("workdir", "resume"):
     src = ckptr if resume.source == "workdir" else checkpoint.TrainCheckpointer(
         resume.directory, read_only=True)
     state, meta = src.restore(resume.step, sharding.abstract_with_shardings(
-        abstract, shardings))
+        b["abstract"], shardings))
     if jax.process_index() == 0:
       print(f"resumed from {resume.directory} step {resume.step} "
             f"(stage {meta.get('stage')})", flush=True)
     return state, int(resume.step)
-  return jax.jit(init, out_shardings=shardings)(), 0
+  return jax.jit(b["init"], out_shardings=shardings)(*b["init_args"]), 0

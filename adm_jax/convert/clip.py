@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adm_jax import tree
 from adm_jax.convert import common
 from adm_jax.convert.common import (ConversionError, KeyTable, apply_table, read_json,
                                     read_tensors)
@@ -128,10 +127,9 @@ def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
   prefix = checkpoint_prefix(tensors, config)
   tensors = _drop_position_ids(tensors, prefix, config)
   graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-  flat = apply_table(tensors, key_table(config, prefix=prefix), tree.shapes(abstract),
-                     what=f"CLIP text checkpoint {path}")
-  params = {k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()}
-  return config, graphdef, tree.unflatten_like(abstract, params)
+  return config, graphdef, common.fill_params(
+      tensors, key_table(config, prefix=prefix), abstract, param_dtype=param_dtype,
+      what=f"CLIP text checkpoint {path}")
 
 
 def export(config: CLIPTextConfig, params_state, out_dir: str | Path) -> Path:

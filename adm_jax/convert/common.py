@@ -15,8 +15,11 @@ import struct
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
+import jax
 import ml_dtypes
 import numpy as np
+
+from adm_jax import tree
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -254,14 +257,26 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
             metadata=dict(metadata or {}))
 
 
+def fill_params(tensors: Mapping[str, np.ndarray], table: KeyTable, abstract, *,
+                param_dtype, what: str):
+  """Applies ``table`` against the abstract state of the target model (every parameter
+  mapped, shape for shape) and returns that state filled with ``param_dtype`` arrays on
+  the host CPU device: nothing lands on an accelerator before it is sharded."""
+  flat = apply_table(tensors, table, tree.shapes(abstract), what=what)
+  cpu = jax.devices("cpu")[0]
+  flat = {k: jax.device_put(np.asarray(np.asarray(v, np.float32), np.dtype(param_dtype)),
+                            cpu) for k, v in flat.items()}
+  return tree.unflatten_like(abstract, flat)
+
+
 def write_folder(out_dir: str | Path, params, table: KeyTable, *, weights_name: str,
                  config: Mapping, what: str) -> Path:
   """Exports ``params`` (``nnx.State`` or flat dict) through ``table`` as a
-  diffusers / transformers folder: ``weights_name`` (safetensors) + ``config.json``."""
-  from adm_jax import tree  # late: tree imports flax, which converters load anyway
+  diffusers / transformers folder: float32 ``weights_name`` (safetensors) +
+  ``config.json``."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
   write_safetensors(out_dir / weights_name, export_table(flat, table, what=what),
                     metadata={"format": "pt"})
   with open(out_dir / "config.json", "w") as f:

@@ -29,7 +29,6 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from adm_jax import tree
 from adm_jax.convert import common
 from adm_jax.convert.common import (KeyTable, apply_table, read_json, read_tensors)
 from adm_jax.models.sam import FULL_MODEL_TYPE, SamVisionConfig, SamVisionEncoder
@@ -118,10 +117,9 @@ def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
   if raw.get("model_type") == FULL_MODEL_TYPE:
     tensors = drop_ignored(tensors)
   graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-  flat = apply_table(tensors, key_table(config, prefix=checkpoint_prefix(tensors)),
-                     tree.shapes(abstract), what=f"SAM checkpoint {path}")
-  params = {k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()}
-  return config, graphdef, tree.unflatten_like(abstract, params)
+  return config, graphdef, common.fill_params(
+      tensors, key_table(config, prefix=checkpoint_prefix(tensors)), abstract,
+      param_dtype=param_dtype, what=f"SAM checkpoint {path}")
 
 
 def export(config: SamVisionConfig, params_state, out_dir: str | Path) -> Path:

@@ -6,14 +6,11 @@ rejects anything else.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from adm_jax import tree
 from adm_jax.convert import common
 from adm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -122,20 +119,13 @@ def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
   cfg = UNetConfig.from_diffusers(common.read_json(path / "config.json"))
   tensors = common.read_tensors(path, allow_pickle=allow_pickle)
   graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-  flat = common.apply_table(tensors, key_table(cfg), tree.shapes(abstract),
-                            what=f"UNet checkpoint {path}")
-  flat = {k: np.asarray(v, dtype=param_dtype) for k, v in flat.items()}
-  return cfg, graphdef, tree.unflatten_like(abstract, flat)
+  return cfg, graphdef, common.fill_params(tensors, key_table(cfg), abstract,
+                                           param_dtype=param_dtype,
+                                           what=f"UNet checkpoint {path}")
 
 
 def export(cfg: UNetConfig, params, out_dir: str | Path) -> Path:
   """Writes ``params`` as a diffusers folder that ``UNet2DConditionModel.from_pretrained``
   loads (float32 safetensors + ``config.json``)."""
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
-  tensors = common.export_table(flat, key_table(cfg), what="UNet")
-  common.write_safetensors(out_dir / WEIGHTS, tensors, metadata={"format": "pt"})
-  with open(out_dir / "config.json", "w") as f:
-    json.dump(cfg.to_diffusers(), f, indent=2)
-  return out_dir
+  return common.write_folder(out_dir, params, key_table(cfg), weights_name=WEIGHTS,
+                             config=cfg.to_diffusers(), what="UNet")

@@ -8,7 +8,6 @@ keys the way diffusers' own loader does before applying the table.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adm_jax import tree
 from adm_jax.convert import common
 from adm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -159,10 +157,9 @@ def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
   tensors = rename_deprecated_attention(
       common.read_tensors(weights, allow_pickle=allow_pickle))
   graphdef, abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-  flat = common.apply_table(tensors, key_table(config), tree.shapes(abstract),
-                            what=f"VAE checkpoint {weights}")
-  flat = {k: jnp.asarray(np.asarray(v, np.float32), param_dtype) for k, v in flat.items()}
-  return config, graphdef, tree.unflatten_like(abstract, flat)
+  return config, graphdef, common.fill_params(tensors, key_table(config), abstract,
+                                              param_dtype=param_dtype,
+                                              what=f"VAE checkpoint {weights}")
 
 
 def export(config: AutoencoderKLConfig, params, out_dir: str | Path) -> Path:
@@ -178,13 +175,7 @@ def export(config: AutoencoderKLConfig, params, out_dir: str | Path) -> Path:
   """
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
-  tensors = common.export_table(flat, key_table(config), what="VAE")
-  common.write_safetensors(out_dir / WEIGHTS, tensors, metadata={"format": "pt"})
   cfg = config.to_diffusers()
   cfg["_diffusers_version"] = DIFFUSERS_VERSION
-  with open(out_dir / CONFIG, "w") as f:
-    json.dump(cfg, f, indent=2)
-  return out_dir
+  return common.write_folder(out_dir, params, key_table(config), weights_name=WEIGHTS,
+                             config=cfg, what="VAE")

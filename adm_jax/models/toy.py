@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -614,23 +613,16 @@ def load(path: str | Path, *, allow_pickle: bool = False, dtype=jnp.float32,
   cfg = ToyConfig.from_dict(common.read_json(path / "config.json"))
   tensors = common.read_tensors(path, allow_pickle=allow_pickle)
   graphdef, abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-  flat = common.apply_table(tensors, key_table(cfg), tree.shapes(abstract),
-                            what=f"toy checkpoint {path}")
-  flat = {k: np.asarray(v, dtype=param_dtype) for k, v in flat.items()}
-  return cfg, graphdef, tree.unflatten_like(abstract, flat)
+  return cfg, graphdef, common.fill_params(tensors, key_table(cfg), abstract,
+                                           param_dtype=param_dtype,
+                                           what=f"toy checkpoint {path}")
 
 
 def export(cfg: ToyConfig, params, out_dir: str | Path) -> Path:
   """Writes ``params`` as ``config.json`` + float32 ``model.safetensors``."""
   from adm_jax.convert import common
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
-  common.write_safetensors(out_dir / WEIGHTS, common.export_table(flat, key_table(cfg),
-                                                                  what="toy model"))
-  with open(out_dir / "config.json", "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
-  return out_dir
+  return common.write_folder(out_dir, params, key_table(cfg), weights_name=WEIGHTS,
+                             config=cfg.to_dict(), what="toy model")
 
 
 # ---------------------------------------------------------------------------------------
