@@ -313,6 +313,16 @@ class TrainCheckpointer:
                             f"given state structure: {e}") from e
     return restored.state, dict(restored.meta)
 
+  def read_meta(self, step: int) -> dict:
+    """The metadata of complete checkpoint ``step`` alone (no arrays are read): which
+    stage wrote it decides the state structure to restore into."""
+    self._manager.wait_until_finished()
+    if step not in self.all_steps():
+      raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
+
   def wait(self) -> None:
     """Blocks until a save in flight is on disk (and old checkpoints are removed)."""
     self._manager.wait_until_finished()

@@ -25,6 +25,11 @@ CHOICES: dict[str, tuple] = {
     "teacher.parameterization": ("epsilon", "v_prediction", "flow"),
     "sample.sampler": ("ddim", "euler"),
     "sample.spacing": ("trailing", "leading", "linspace"),
+    "pairs.sampler": ("ddim", "euler"),
+    "pairs.spacing": ("trailing", "leading", "linspace"),
+    "hparams.gan_loss": ("nonsaturating", "hinge"),
+    "hparams.regression": ("mse", "pseudo_huber"),
+    "disc.head": ("admhead2d", "dmd2"),
 }
 
 CONVERT_HINT = ("python -m adm_jax.convert --family={family} "
@@ -104,6 +109,39 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple:
 # Parameters under 1 MB (norms, biases) stay replicated.
 FSDP_RULES = ((".*", "fsdp(min_size_mb=1)"),)
 REPLICATE_RULES = ((".*", "replicate"),)
+
+
+def distillation(method: str, *, times: Sequence[float], total_steps: int,
+                 batch_size: int, adp_fraction: float = 0.5) -> ConfigDict:
+  """Keys every training config shares (the trainer reads exactly these).
+
+  Args:
+    method: ``dmd2`` | ``adm`` | ``adp`` | ``dmdx`` | ``regression``.
+    times: the generator's conditioning times, noisiest first (``(999,)`` one-step;
+      ``(999, 749, 499, 249)``: DMD2's four steps with backward simulation).
+    total_steps: iterations of the whole run (DMDX: ADP and ADM together).
+    batch_size: global batch.
+    adp_fraction: DMDX's share of ``total_steps`` spent in ADP.
+  """
+  return ConfigDict(dict(
+      method=method,
+      student=dict(times=tuple(float(t) for t in times)),
+      # DMD2: fake score every step, generator every 5th (App. C); ADM / ADP: TTUR 1.
+      ttur=5 if method == "dmd2" else 1,
+      ema_decay=0.0,
+      batch_size=batch_size,
+      total_steps=total_steps,
+      dmd2=dict(gan=True),
+      dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction))),
+      hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
+      pairs=dict(num_steps=25, sampler="ddim", spacing="trailing"),   # online ODE pairs
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
+      resume="",                          # another run's checkpoint (see README)
+      sample_every=0,                     # sample grid every N steps (0: at the end only)
+      num_samples=16,
+  ))
 
 
 def sample_settings(**overrides) -> ConfigDict:

@@ -1,4 +1,4 @@
-"""Pure train steps for every method: ``(state, teacher_params, batch, rng) -> (state, metrics)``.
+"""Pure train steps for every method: ``(state, frozen, batch, rng) -> (state, metrics)``.
 
 Builders close over a :class:`Nets` bundle (apply functions, optimisers, the teacher's
 parameterisation and the method's hyperparameters) and return pure functions that the
@@ -9,9 +9,10 @@ family: networks are reached only through
   (and, with ``features``, a dict of intermediate features ``[B, h, w, c]``), and
 * the parameterisation adapter (``to_x0``, ``add_noise``, ``target``, ``ode_step``).
 
-The teacher's parameters are an argument, never part of the state: they are not donated,
-not given to an optimiser and receive no gradient (every use is under
-``stop_gradient``).
+``frozen`` holds every frozen network's parameters: ``{"teacher": ...}`` plus, for ADP's
+pixel discriminator, ``"decoder"`` (the VAE) and ``"pixel"`` (the SAM encoder). They are
+an argument, never part of the state: not donated, not given to an optimiser and they
+receive no gradient (every use is under ``stop_gradient``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ class Nets:
       one-step student; ``(999, 749, 499, 249)`` for four steps).
     cfg_scale: real-score (teacher) guidance.
     hp: method hyperparameters (see :func:`default_hparams`).
+    decode: ``decode(frozen["decoder"], latents) -> images [B, H, W, 3]`` in [-1, 1]
+      (ADP's pixel branch; ``None`` without one).
+    pixel: ``pixel(frozen["pixel"], images) -> {name: [B, h, w, c]}``: the frozen
+      pixel-space encoder (SAM).
+    pixel_disc: ``pixel_disc(params, features) -> logits [B]``: heads on ``pixel``.
   """
   param: P.Parameterization
   teacher: Apply
@@ -59,14 +65,25 @@ class Nets:
   gen_times: tuple[float, ...]
   cfg_scale: float
   hp: Mapping[str, Any]
+  decode: Apply | None = None
+  pixel: Apply | None = None
+  pixel_disc: Apply | None = None
 
 
 def default_hparams(**overrides) -> dict:
-  """Official DMD2 values; ADM's Δt = T/64 (algorithms.md §1.1–1.2, §2.1)."""
+  """Official DMD2 values; ADM's Δt = T/64; ADP's λ1 / λ2 = 0.85 / 0.15 (algorithms.md
+  §1.1–1.2, §2.1). ``adp_weights`` without ``"pixel"`` turns the pixel branch off;
+  ``adp_regression_weight`` > 0 adds the (unconfirmed) velocity-MSE term to ADP."""
   hp = dict(dm_t_min=20, dm_t_max=980, gan_weight_g=5e-3, gan_weight_d=1e-2,
             gan_loss="nonsaturating", gan_feature="mid", adm_dt_fraction=1 / 64,
-            regression="mse", dm_weight=1.0)
+            regression="mse", dm_weight=1.0, adp_weights=dict(losses.ADP_DISC_WEIGHTS),
+            adp_regression_weight=0.0)
   hp.update(overrides)
+  hp["adp_weights"] = {k: float(v) for k, v in dict(hp["adp_weights"]).items()}
+  unknown = set(hp["adp_weights"]) - {"latent", "pixel"}
+  if unknown or not hp["adp_weights"]:
+    raise ValueError(f"adp_weights keys {sorted(hp['adp_weights'])}: valid keys are "
+                     "'latent' and 'pixel'")
   return hp
 
 
@@ -149,8 +166,8 @@ def make_fake_score_step(nets: Nets, *, gan: bool = False) -> Callable:
   """
   hp = nets.hp
 
-  def step(state: DistillState, teacher_params, batch, rng):
-    del teacher_params                      # the guidance turn never reads the teacher
+  def step(state: DistillState, frozen, batch, rng):
+    del frozen                              # the guidance turn never reads the teacher
     r = jax.random.split(rng, 6)
     cond = batch["cond"]
     noise = _noise(nets, r[0], cond)
@@ -219,7 +236,7 @@ def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
   ``compute_distribution_matching_loss``) + the non-saturating GAN term."""
   hp = nets.hp
 
-  def step(state: DistillState, teacher_params, batch, rng):
+  def step(state: DistillState, frozen, batch, rng):
     r = jax.random.split(rng, 7)
     cond, uncond = batch["cond"], batch.get("uncond")
     noise = _noise(nets, r[0], cond)
@@ -234,7 +251,7 @@ def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
       t = _sample_t(r[3], b, hp["dm_t_min"], hp["dm_t_max"]) if nets.param.schedule.is_vp \
           else S.sample_uniform(r[3], b, hp["dm_t_min"] / 1000, hp["dm_t_max"] / 1000)
       x_t = sg(nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t))
-      x0_real = P.predict_x0(nets.teacher, sg(teacher_params), x_t, t, cond, uncond,
+      x0_real = P.predict_x0(nets.teacher, sg(frozen["teacher"]), x_t, t, cond, uncond,
                              nets.cfg_scale, param=nets.param)
       x0_fake = _x0(nets, nets.student, fake_params, x_t, t, cond)
       l_dm, aux = losses.dm_loss(x0, x0_real, x0_fake)
@@ -281,7 +298,7 @@ def make_adm_generator_step(nets: Nets) -> Callable:
   """ADM generator update: L_G = -E[D(x^fake_{t-Δt}, t-Δt)] (hinge generator loss); the
   gradient reaches θ through x_t and the frozen fake score's ODE step."""
 
-  def step(state: DistillState, teacher_params, batch, rng):
+  def step(state: DistillState, frozen, batch, rng):
     r = jax.random.split(rng, 5)
     cond = batch["cond"]
     noise = _noise(nets, r[0], cond)
@@ -293,7 +310,7 @@ def make_adm_generator_step(nets: Nets) -> Callable:
       t = _adm_t(nets, r[3], x0.shape[0])
       x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
       fake_next = _adm_next(nets, nets.student, fake_params, x_t, t, cond)
-      logits = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, fake_next,
+      logits = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, fake_next,
                             t - _adm_dt(nets), cond)
       loss = losses.hinge_g(logits)
       return loss, {"generator/loss": loss, "generator/adm_fake_logit": logits.mean()}
@@ -308,22 +325,22 @@ def make_adm_discriminator_step(nets: Nets) -> Callable:
   """ADM discriminator update: hinge on the teacher's (CFG) vs the fake score's ODE step
   from the same x_t (data-free: no real images)."""
 
-  def step(state: DistillState, teacher_params, batch, rng):
+  def step(state: DistillState, frozen, batch, rng):
     r = jax.random.split(rng, 5)
     cond, uncond = batch["cond"], batch.get("uncond")
     noise = _noise(nets, r[0], cond)
     x0 = sg(generate(nets, state.generator.params, noise, cond, _draw_k(nets, r[1]), r[2]))
     t = _adm_t(nets, r[3], x0.shape[0])
     x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
-    real_next = sg(_adm_next(nets, nets.teacher, teacher_params, x_t, t, cond, uncond,
+    real_next = sg(_adm_next(nets, nets.teacher, frozen["teacher"], x_t, t, cond, uncond,
                              nets.cfg_scale))
     fake_next = sg(_adm_next(nets, nets.student, state.fake_score.params, x_t, t, cond))
     t_next = t - _adm_dt(nets)
 
     def loss_fn(disc_params):
-      lr = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, real_next,
+      lr = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, real_next,
                         t_next, cond)
-      lf = _disc_logits(nets, nets.teacher, sg(teacher_params), disc_params, fake_next,
+      lf = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, fake_next,
                         t_next, cond)
       loss = losses.hinge_d(lr, lf)
       return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
@@ -344,8 +361,8 @@ def make_regression_step(nets: Nets) -> Callable:
   """ODE-pair regression pre-training (DMD2 one-step recipe; ADM ablation A1): the
   one-step generator maps the pair's noise to the teacher's latent; loss from config."""
 
-  def step(state: DistillState, teacher_params, batch, rng):
-    del teacher_params
+  def step(state: DistillState, frozen, batch, rng):
+    del frozen
     cond, noise, target = batch["cond"], batch["pair_noise"], batch["pair_latent"]
 
     def loss_fn(gen_params):
@@ -356,4 +373,107 @@ def make_regression_step(nets: Nets) -> Callable:
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
     gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
     return state.replace(generator=gen), {**metrics, **m}
+  return step
+
+
+# -------------------------------------------------------------------------------- ADP
+
+
+def _t_cubic(nets: Nets, rng, b):
+  """ADP's generator times ``t = (1 - u³) t_max``, biased to high noise (§2.1)."""
+  return S.sample_cubic(rng, b, nets.param.schedule.t_max)
+
+
+def _adp_input(nets: Nets, batch, rng):
+  """The generator's input on an ODE pair ``(x_T, x_0)``: the pair interpolated at a
+  cubic time. On a flow teacher ``add_noise`` *is* the rectified-flow interpolation
+  ``(1 - t) x_0 + t x_T`` of the paper; on VP / v teachers it is the teacher's own
+  forward process between the same two endpoints (same pair coupling, and the
+  students keep the teacher's input scaling)."""
+  noise, x0 = batch["pair_noise"], batch["pair_latent"]
+  t = _t_cubic(nets, rng, x0.shape[0])
+  return nets.param.add_noise(x0, noise, t), t
+
+
+def _adp_logits(nets: Nets, frozen, disc_params, x0, cond, t, eps) -> dict:
+  """``{"latent": D_τ1(x0 re-noised to t), "pixel": D_τ2(decode(x0))}`` (the branches
+  that ``hp["adp_weights"]`` names). D_τ1 = frozen teacher + heads; D_τ2 = frozen pixel
+  encoder on VAE-decoded images + heads."""
+  out = {}
+  if "latent" in nets.hp["adp_weights"]:
+    x_t = nets.param.add_noise(x0, eps, t)
+    out["latent"] = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]),
+                                 disc_params["latent"], x_t, t, cond)
+  if "pixel" in nets.hp["adp_weights"]:
+    images = nets.decode(sg(frozen["decoder"]), x0)                  # [B, H, W, 3]
+    out["pixel"] = nets.pixel_disc(disc_params["pixel"],
+                                   nets.pixel(sg(frozen["pixel"]), images))
+  return out
+
+
+def make_adp_generator_step(nets: Nets) -> Callable:
+  """ADP generator update (algorithms.md §2.1): from the pair interpolated at a cubic
+  time, predict x̃_0; ``L_G = -E[λ1 D_τ1(x̃_t', t') + λ2 D_τ2(x̃_0)]`` with t' uniform
+  (hinge generator loss), plus ``adp_regression_weight`` × the MSE to the pair's
+  target in the teacher's parameterisation (the velocity on flow teachers)."""
+  hp = nets.hp
+
+  def step(state: DistillState, frozen, batch, rng):
+    r = jax.random.split(rng, 3)
+    cond = batch["cond"]
+    x_t, t = _adp_input(nets, batch, r[0])
+    t_d = _t_uniform(nets, r[1], x_t.shape[0])
+    eps = jax.random.normal(r[2], x_t.shape)
+    disc_params = sg(state.discriminator.params)
+
+    def loss_fn(gen_params):
+      out = nets.student(gen_params, x_t, nets.param.model_time(t), cond)
+      x0 = nets.param.to_x0(out, x_t, t)
+      logits = _adp_logits(nets, frozen, disc_params, x0, cond, t_d, eps)
+      loss = losses.weighted_hinge_g(logits, hp["adp_weights"])
+      metrics = {"generator/adp_gan_loss": loss,
+                 **{f"generator/{k}_fake_logit": v.mean() for k, v in logits.items()}}
+      if hp["adp_regression_weight"]:
+        target = nets.param.target(batch["pair_latent"], batch["pair_noise"], t)
+        l_reg = losses.regression_loss(out, target, hp["regression"])
+        loss = loss + hp["adp_regression_weight"] * l_reg
+        metrics["generator/regression_loss"] = l_reg
+      metrics["generator/loss"] = loss
+      return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
+    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
+    return state.replace(generator=gen), {**metrics, **m}
+  return step
+
+
+def make_adp_discriminator_step(nets: Nets) -> Callable:
+  """ADP discriminator update: weighted hinge (λ1 latent, λ2 pixel) with the teacher's
+  ODE target x_0 as real and the generator's x̃_0 as fake, both re-noised to the same
+  uniform t' for the latent branch (algorithms.md §2.1)."""
+
+  def step(state: DistillState, frozen, batch, rng):
+    r = jax.random.split(rng, 4)
+    cond = batch["cond"]
+    x_t, t = _adp_input(nets, batch, r[0])
+    out = nets.student(state.generator.params, x_t, nets.param.model_time(t), cond)
+    x0_fake = sg(nets.param.to_x0(out, x_t, t))
+    t_d = _t_uniform(nets, r[1], x_t.shape[0])
+    eps_r, eps_f = (jax.random.normal(k, x_t.shape) for k in r[2:])
+
+    def loss_fn(disc_params):
+      real = _adp_logits(nets, frozen, disc_params, batch["pair_latent"], cond, t_d, eps_r)
+      fake = _adp_logits(nets, frozen, disc_params, x0_fake, cond, t_d, eps_f)
+      loss = losses.weighted_hinge_d(real, fake, nets.hp["adp_weights"])
+      metrics = {"discriminator/loss": loss}
+      for k in real:
+        metrics[f"discriminator/{k}_real_logit"] = real[k].mean()
+        metrics[f"discriminator/{k}_fake_logit"] = fake[k].mean()
+      return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.discriminator.params)
+    disc, m = _apply_grads(state.discriminator, grads, nets.txs["discriminator"],
+                           "discriminator")
+    return state.replace(discriminator=disc), {**metrics, **m}
   return step

@@ -1,248 +1,270 @@
 """The one trainer: mesh -> problem (teacher, students, data) -> state -> jitted steps ->
-loop with the TTUR ratio -> metrics -> checkpoints.
+loop with the TTUR ratio -> metrics -> checkpoints -> sample grids.
 
 Every family and method goes through :func:`train_and_evaluate`. A family contributes a
-:class:`Problem` (its teacher, student / discriminator initialisation and batches) through
-:data:`PROBLEMS`; a method is a list of step builders with update ratios
-(:func:`method_plan`). Resume precedence (:func:`adm_jax.checkpoint.resolve_resume`):
-1. the latest complete checkpoint in ``workdir/checkpoints``; 2. ``config.resume``;
-3. initialisation from the teacher.
+:class:`~adm_jax.problems.Problem`; a method is a list of step builders with update
+ratios (:func:`method_plan`). A run is a sequence of stages (:func:`stages`): one for
+DMD2 / ADM / ADP / regression, two for DMDX (ADP, then ADM from the ADP generator). The
+hand-over to a new stage is saved as a checkpoint at the boundary step, tagged with the
+stage, so a resumed run rebuilds the right state.
+
+Resume precedence (:func:`adm_jax.checkpoint.resolve_resume`): 1. the latest complete
+checkpoint in ``workdir/checkpoints``; 2. ``config.resume``; 3. initialisation from the
+teacher.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from adm_jax import checkpoint, config_lib, metrics as metrics_lib, optim, sharding
+from adm_jax import checkpoint, config_lib, metrics as metrics_lib, optim, problems, sharding
 from adm_jax import state as state_lib
 from adm_jax import steps
-from adm_jax import teacher as teacher_lib
 
 Array = jax.Array
+PROBLEMS = problems.PROBLEMS
 
 
-@dataclasses.dataclass
-class Problem:
-  """What a family gives the trainer.
-
-  Attributes:
-    param: the teacher's parameterisation.
-    teacher: ``apply(params, x_t, model_time, cond, *, return_features=False)``.
-    teacher_params: frozen teacher parameters (never checkpointed).
-    student: apply function of the generator and fake score.
-    student_params: their initial parameters (a copy of the teacher's, or a student
-      fitted to an exact teacher).
-    disc_backbone: ``"student"`` (DMD2: fake-score features) or ``"teacher"`` (ADM).
-    make_disc: ``feature_specs -> (disc_apply, disc_params)``.
-    latent_shape: one sample's latent shape.
-    batch: ``step -> host batch dict`` (deterministic in the step: exact resume).
-  """
-  param: Any
-  teacher: Callable
-  teacher_params: Any
-  student: Callable
-  student_params: Any
-  make_disc: Callable
-  latent_shape: tuple[int, ...]
-  batch: Callable[[int], dict]
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  method: str          # dmd2 | adm | adp | regression
+  start: int           # first global step of the stage
+  end: int             # one past its last step
 
 
-def _toy_problem(config, mesh) -> Problem:
-  """The exact-score 2-D mixture (``family="toy"``)."""
-  from adm_jax.models import disc_heads, toy
-  del mesh
-  mixture = toy.ToyMixture.ring(**config.toy.mixture)
-  param = teacher_lib.make_parameterization(config.teacher)
-  student = toy.init_denoiser(toy.ToyConfig(**config.toy.student), config.seed)
-  graphdef, params = nnx.split(student)
-  # "Initialised from the teacher": the exact teacher has no weights, so the students
-  # start as an MLP regressed onto it.
-  params = toy.fit_to_teacher(student, mixture, param, steps=config.toy.fit_steps,
-                              rng=jax.random.key(config.seed))
-  teacher = mixture.teacher_apply(param)
-
-  def make_disc(specs):
-    disc = disc_heads.MultiHeadDiscriminator(specs, head=config.disc.head,
-                                             rngs=nnx.Rngs(config.seed + 1),
-                                             **config.disc.head_kw)
-    dgraph, dparams = nnx.split(disc)
-    return (lambda p, feats: nnx.merge(dgraph, p)(feats)), dparams
-
-  sampler = jax.jit(functools.partial(_toy_pairs, teacher, param, config))
-
-  def batch(step: int) -> dict:
-    key = jax.random.fold_in(jax.random.key(config.seed + 7), step)
-    r = jax.random.split(key, 4)
-    b = config.batch_size
-    labels = jax.random.randint(r[0], (b,), 0, mixture.num_modes)
-    cond = {"label": labels}
-    out = dict(cond=cond, uncond=toy.uncond_like(cond), real_cond=cond,
-               real=mixture.sample(r[1], b, label=labels))
-    if config.method == "regression":
-      noise = jax.random.normal(r[2], (b, mixture.dim))
-      out.update(pair_noise=noise, pair_latent=sampler(noise, cond, out["uncond"]))
-    return out
-
-  return Problem(param=param, teacher=teacher, teacher_params={},
-                 student=toy.denoiser_apply(graphdef), student_params=params,
-                 make_disc=make_disc, latent_shape=(mixture.dim,), batch=batch)
+def stages(config) -> list[Stage]:
+  """The run's stages. DMDX: ADP for ``config.dmdx.adp_steps`` steps, then ADM."""
+  total = config.total_steps
+  if config.method != "dmdx":
+    return [Stage(config.method, 0, total)]
+  split = config.dmdx.adp_steps
+  if not 0 < split < total:
+    raise config_lib.ConfigError(f"config.dmdx.adp_steps={split} must lie in (0, "
+                                 f"total_steps={total})")
+  return [Stage("adp", 0, split), Stage("adm", split, total)]
 
 
-def _toy_pairs(teacher, param, config, noise, cond, uncond):
-  from adm_jax import sampling
-  f = sampling.make_ode_sampler(teacher, param, config.pairs.num_steps,
-                                cfg_scale=config.teacher.guidance_scale)
-  return f({}, noise, cond, uncond)
-
-
-PROBLEMS: dict[str, Callable[..., Problem]] = {"toy": _toy_problem}
+def stage_at(all_stages: list[Stage], step: int) -> int:
+  """Index of the stage that runs ``step`` (the last stage once the run is done)."""
+  return next((i for i, s in enumerate(all_stages) if step < s.end), len(all_stages) - 1)
 
 
 # ------------------------------------------------------------------------------ plan
 
 
-def method_plan(config, nets: steps.Nets) -> list[tuple[str, Callable, int]]:
+def method_plan(method: str, config, nets: steps.Nets) -> list[tuple[str, Callable, int]]:
   """``[(name, step_fn, every)]``: step ``s`` runs each entry with ``s % every == 0``.
 
   DMD2: the guidance model (fake score + GAN head) updates every iteration, the
   generator every ``ttur`` iterations (DMD2 App. C). ADM: fake score, discriminator and
-  generator alternate (ADM Algorithm 1; TTUR 1 by default).
+  generator alternate (ADM Algorithm 1; TTUR 1 by default). ADP: discriminators, then
+  generator.
   """
-  m, ttur = config.method, config.ttur
-  if m == "dmd2":
+  ttur = config.ttur
+  if method == "dmd2":
     gan = config.dmd2.gan
     return [("fake_score", steps.make_fake_score_step(nets, gan=gan), 1),
             ("generator", steps.make_dmd2_generator_step(nets, gan=gan), ttur)]
-  if m == "adm":
+  if method == "adm":
     return [("fake_score", steps.make_fake_score_step(nets, gan=False), 1),
             ("discriminator", steps.make_adm_discriminator_step(nets), 1),
             ("generator", steps.make_adm_generator_step(nets), ttur)]
-  if m == "regression":
+  if method == "adp":
+    return [("discriminator", steps.make_adp_discriminator_step(nets), 1),
+            ("generator", steps.make_adp_generator_step(nets), ttur)]
+  if method == "regression":
     return [("generator", steps.make_regression_step(nets), 1)]
-  raise config_lib.ConfigError(f"method {m!r} cannot be trained yet; valid: dmd2, adm, "
-                               f"regression")
+  raise config_lib.ConfigError(f"method {method!r} cannot be trained; valid: dmd2, adm, "
+                               f"adp, dmdx, regression")
 
 
-def _networks(config) -> tuple[str, ...]:
-  """The networks ``config.method`` trains."""
-  if config.method == "regression":
+def _networks(method: str, config) -> tuple[str, ...]:
+  """The networks ``method`` trains."""
+  if method == "regression":
     return ("generator",)
-  if config.method == "dmd2" and not config.dmd2.gan:
+  if method == "adp":
+    return ("generator", "discriminator")
+  if method == "dmd2" and not config.dmd2.gan:
     return ("generator", "fake_score")
   return state_lib.NETWORKS
+
+
+def _needs(method: str, config) -> frozenset:
+  if method in ("adp", "regression"):
+    return frozenset({"pairs"})
+  if method == "dmd2" and config.dmd2.gan:
+    return frozenset({"real"})
+  return frozenset()
 
 
 # ------------------------------------------------------------------------------ setup
 
 
-def _feature_specs(problem: Problem, backbone: str, names, example_cond) -> dict:
-  """``{name: (channels, resolution)}`` of the backbone's features, by shape inference."""
-  apply, params = ((problem.student, problem.student_params) if backbone == "student"
-                   else (problem.teacher, problem.teacher_params))
-  x = jax.ShapeDtypeStruct((1, *problem.latent_shape), jnp.float32)
-  cond = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype),
+def _abstract_cond(example_cond):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype),
                       example_cond)
+
+
+def _feature_specs(apply, params, latent_shape, names, example_cond, what) -> dict:
+  """``{name: (channels, resolution)}`` of a backbone's features, by shape inference."""
+  x = jax.ShapeDtypeStruct((1, *latent_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   _, feats = jax.eval_shape(lambda p, x, t, c: apply(p, x, t, c, return_features=True),
-                            params, x, t, cond)
+                            params, x, t, _abstract_cond(example_cond))
+  return _pick(feats, names, what)
+
+
+def _pick(feats, names, what) -> dict:
   missing = [n for n in names if n not in feats]
   if missing:
-    raise config_lib.ConfigError(f"config.disc.features: {missing} not produced by the "
-                                 f"{backbone}; valid: {', '.join(sorted(feats))}")
-  return {n: (feats[n].shape[-1], feats[n].shape[1]) for n in names}
+    raise config_lib.ConfigError(f"{what}: {missing} not produced; valid: "
+                                 f"{', '.join(sorted(feats))}")
+  return {n: (feats[n].shape[-1], tuple(feats[n].shape[1:3])) for n in names}
 
 
-def build(config, mesh):
-  """Problem, an example batch, Nets, the state initialiser and its arguments, the
-  abstract state, its shardings and the step plan."""
-  if config.family not in PROBLEMS:
-    raise config_lib.ConfigError(
-        f"training is not available for family {config.family!r} yet; valid: "
-        f"{', '.join(PROBLEMS)}")
-  problem = PROBLEMS[config.family](config, mesh)
-  example = problem.batch(0)
-  nets_used = _networks(config)
-  disc_apply = disc_params = None
-  if "discriminator" in nets_used:
-    backbone = "student" if config.method == "dmd2" else "teacher"
-    disc_apply, disc_params = problem.make_disc(_feature_specs(
-        problem, backbone, config.disc.features, example["cond"]))
-  txs = {n: optim.make_optimizer(config.optim[n]) for n in nets_used}
+def _heads(specs, dcfg, seed):
+  """Discriminator heads on ``specs``: ``(apply(params, feats) -> [B], params)``."""
+  from adm_jax.models import disc_heads
+  disc = disc_heads.MultiHeadDiscriminator(specs, head=dcfg.head, rngs=nnx.Rngs(seed),
+                                           **dcfg.head_kw)
+  graphdef, params = nnx.split(disc)
+  return (lambda p, feats: nnx.merge(graphdef, p)(feats)), params
+
+
+def _discriminator(method, config, problem: problems.Problem, hp, example):
+  """``(disc, pixel_disc, params)`` for the method (``None``s where it has none)."""
+  cond = example["cond"]
+  if method == "dmd2":      # DMD2: a head on the fake score's (student's) features
+    specs = _feature_specs(problem.student, problem.student_params, problem.latent_shape,
+                           config.disc.features, cond, "config.disc.features")
+    disc, params = _heads(specs, config.disc, config.seed + 1)
+    return disc, None, params
+  specs = _feature_specs(problem.teacher, problem.frozen["teacher"], problem.latent_shape,
+                         config.disc.features, cond, "config.disc.features")
+  disc, latent = _heads(specs, config.disc, config.seed + 1)
+  if method == "adm":
+    return disc, None, latent
+  params, pixel_disc = {}, None
+  if "latent" in hp["adp_weights"]:
+    params["latent"] = latent
+  if "pixel" in hp["adp_weights"]:
+    if problem.pixel is None:
+      raise config_lib.ConfigError(
+          f"hparams.adp_weights has 'pixel' but family {config.family!r} has no pixel "
+          "encoder configured (config.disc.pixel)")
+    x = jax.ShapeDtypeStruct((1, *problem.latent_shape), jnp.float32)
+    feats = jax.eval_shape(lambda f, x: problem.pixel(f["pixel"], problem.decode(
+        f["decoder"], x)), problem.frozen, x)
+    pixel_disc, params["pixel"] = _heads(
+        _pick(feats, list(feats), "pixel encoder"), config.disc.pixel, config.seed + 2)
+  return disc, pixel_disc, params
+
+
+@dataclasses.dataclass
+class Built:
+  nets: steps.Nets
+  init: Callable
+  init_args: tuple
+  abstract: state_lib.DistillState
+  shardings: state_lib.DistillState
+  plan: list
+  needs: frozenset
+
+
+def build(config, mesh, problem: problems.Problem, method: str) -> Built:
+  """Nets, the state initialiser and its arguments, the abstract state, its shardings
+  and the step plan of one stage."""
+  hp = steps.default_hparams(**config.hparams)
+  needs = _needs(method, config)
+  example = problem.batch(0, needs)
+  used = _networks(method, config)
+  disc = pixel_disc = disc_params = None
+  if "discriminator" in used:
+    disc, pixel_disc, disc_params = _discriminator(method, config, problem, hp, example)
+  txs = {n: optim.make_optimizer(config.optim[n]) for n in used}
   nets = steps.Nets(param=problem.param, teacher=problem.teacher, student=problem.student,
-                    disc=disc_apply, txs=txs, latent_shape=problem.latent_shape,
+                    disc=disc, txs=txs, latent_shape=problem.latent_shape,
                     gen_times=tuple(float(t) for t in config.student.times),
-                    cfg_scale=config.teacher.guidance_scale,
-                    hp=steps.default_hparams(**config.hparams))
+                    cfg_scale=config.teacher.guidance_scale, hp=hp,
+                    decode=problem.decode, pixel=problem.pixel, pixel_disc=pixel_disc)
   # Parameters are arguments of the (jitted) initialiser, not closed-over constants: a
   # closure would embed every weight in the compiled program.
   init = functools.partial(state_lib.init_state, txs=txs, ema=config.ema_decay > 0,
                            seed=config.seed)
   init_args = (problem.student_params,
-               problem.student_params if "fake_score" in nets_used else None, disc_params)
+               problem.student_params if "fake_score" in used else None, disc_params)
   abstract = jax.eval_shape(init, *init_args)
   rules = {n: config.sharding_rules for n in state_lib.NETWORKS}
   shardings = state_lib.state_shardings(abstract, rules, mesh)
-  return dict(problem=problem, example=example, nets=nets, init=init, init_args=init_args,
-              abstract=abstract, shardings=shardings, plan=method_plan(config, nets))
+  return Built(nets, init, init_args, abstract, shardings, method_plan(method, config, nets),
+               needs)
 
 
-def _jit_plan(plan, problem, example, shardings, mesh):
+def _jit_plan(b: Built, problem, mesh):
+  example = problem.batch(0, b.needs)
   batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), example)
-  teacher_sh = jax.tree.map(lambda _: sharding.replicated(mesh), problem.teacher_params)
-  jitted = [(name, jax.jit(fn, in_shardings=(shardings, teacher_sh, batch_sh, None),
-                           out_shardings=(shardings, None), donate_argnums=0), every)
-            for name, fn, every in plan]
-  return jitted, batch_sh, teacher_sh
+  frozen_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) and len(
+      a.sharding.device_set) == mesh.size else sharding.replicated(mesh), problem.frozen)
+  jitted = [(name, jax.jit(fn, in_shardings=(b.shardings, frozen_sh, batch_sh, None),
+                           out_shardings=(b.shardings, None), donate_argnums=0), every)
+            for name, fn, every in b.plan]
+  return jitted, batch_sh, frozen_sh
+
+
+def _hand_over(b: Built, previous: state_lib.DistillState):
+  """The next stage's first state: its own fresh networks and optimisers, with the
+  generator (and its EMA) taken from the previous stage (DMDX: ADM from ADP)."""
+  def init(prev, fake, disc):
+    s = b.init(prev.generator.params, fake, disc)
+    return s.replace(generator_ema=prev.generator_ema if s.generator_ema is not None
+                     else None, step=prev.step, rng=prev.rng)
+  return jax.jit(init, out_shardings=b.shardings)(previous, *b.init_args[1:])
 
 
 # ------------------------------------------------------------------------------- loop
 
 
-def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
-  """Runs ``config.total_steps`` iterations (resuming if possible); returns the state."""
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
+                       ) -> state_lib.DistillState:
+  """Runs ``config.total_steps`` iterations (resuming if possible); returns the state.
+
+  ``stop_at``: end early after that global step with a checkpoint, as an interrupted
+  run would (the schedule, stages and data order stay those of the full run).
+  """
+  stop_at = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
   mesh = sharding.make_mesh(config.mesh)
-  b = build(config, mesh)
-  problem, shardings = b["problem"], b["shardings"]
-  jitted, batch_sh, teacher_sh = _jit_plan(b["plan"], problem, b["example"], shardings, mesh)
-  teacher_params = jax.device_put(problem.teacher_params, teacher_sh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % shards:
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} does not split over the mesh's "
+        f"{shards} batch shards (data x fsdp = {mesh.shape['data']} x "
+        f"{mesh.shape['fsdp']}); change the batch size or config.mesh")
+  all_stages = stages(config)
+  problem = problems.make(config, mesh)
   ckptr = checkpoint.TrainCheckpointer(checkpoint.checkpoint_dir(workdir),
                                        max_to_keep=config.keep_checkpoints)
-  state, start = _initial_state(config, workdir, ckptr, b, shardings)
   writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(start, config.total_steps)
-  incr = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0,
-                 out_shardings=shardings)
-  ema = jax.jit(lambda s: state_lib.update_ema(s, config.ema_decay), donate_argnums=0,
-                out_shardings=shardings)
-  history, last_log = [], start
+  state, start, current = _initial_state(config, workdir, ckptr, problem, mesh, all_stages)
   try:
-    for step in range(start, config.total_steps):
-      batch = jax.device_put(problem.batch(step), batch_sh)
-      key = jax.random.fold_in(jax.random.key(config.seed), step)
-      for i, (name, fn, every) in enumerate(jitted):
-        if step % every == 0:
-          state, m = fn(state, teacher_params, batch, jax.random.fold_in(key, i))
-          history.append(m)
-          if name == "generator" and config.ema_decay > 0:
-            state = ema(state)
-      state = incr(state)
-      done = step + 1
-      if metrics_lib.itstime(done, config.log_every, config.total_steps):
-        scalars = metrics_lib.mean_metrics(history)
-        metrics_lib.check_finite(scalars, last_log + 1, done)
-        line, perf = progress.line(done, config.batch_size)
-        writer.write(done, {**scalars, **perf})
-        if jax.process_index() == 0:
-          print(line + "  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
-                                        if k.endswith("loss")), flush=True)
-        history, last_log = [], done
-      if metrics_lib.itstime(done, config.checkpoint_every, config.total_steps):
-        ckptr.save(done, state, {"stage": config.method, "data_step": done})
+    for i in range(stage_at(all_stages, start), len(all_stages)):
+      stage = all_stages[i]
+      b = build(config, mesh, problem, stage.method)
+      if state is not None and current != i:            # entering this stage now
+        state, current = _hand_over(b, state), i
+        ckptr.save(stage.start, state, _meta(stage, stage.start), force=True)
+      state = _run_stage(config, workdir, problem, mesh, b, stage, state,
+                         max(start, stage.start), ckptr, writer,
+                         last=i == len(all_stages) - 1, stop_at=stop_at)
+      current = i
+      if stop_at <= stage.end:
+        break
   finally:
     ckptr.wait()
     ckptr.close()
@@ -250,16 +272,104 @@ def train_and_evaluate(config, workdir: str) -> state_lib.DistillState:
   return state
 
 
-def _initial_state(config, workdir, ckptr, b, shardings):
+def _meta(stage: Stage, step: int) -> dict:
+  return {"stage": stage.method, "data_step": step}
+
+
+def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, start,
+               ckptr, writer, *, last: bool, stop_at: int):
+  """Steps ``start .. stage.end - 1`` of one stage (or up to ``stop_at``). A stage that
+  hands over to another does not checkpoint its last step: the hand-over checkpoint at
+  that step does, unless the run stops there."""
+  end = min(stage.end, stop_at)
+  jitted, batch_sh, frozen_sh = _jit_plan(b, problem, mesh)
+  frozen = jax.device_put(problem.frozen, frozen_sh)
+  if state is None:
+    state = jax.jit(b.init, out_shardings=b.shardings)(*b.init_args)
+  progress = metrics_lib.Progress(start, end)
+  incr = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0,
+                 out_shardings=b.shardings)
+  ema = jax.jit(lambda s: state_lib.update_ema(s, config.ema_decay), donate_argnums=0,
+                out_shardings=b.shardings)
+  history, last_log = [], start
+  for step in range(start, end):
+    batch = jax.device_put(problem.batch(step, b.needs), batch_sh)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    for i, (name, fn, every) in enumerate(jitted):
+      if step % every == 0:
+        state, m = fn(state, frozen, batch, jax.random.fold_in(key, i))
+        history.append(m)
+        if name == "generator" and config.ema_decay > 0:
+          state = ema(state)
+    state = incr(state)
+    done = step + 1
+    if metrics_lib.itstime(done, config.log_every, end):
+      scalars = metrics_lib.mean_metrics(history)
+      metrics_lib.check_finite(scalars, last_log + 1, done)
+      line, perf = progress.line(done, config.batch_size)
+      writer.write(done, {**scalars, **perf})
+      if jax.process_index() == 0:
+        print(f"[{stage.method}] {line}  " + "  ".join(
+            f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if k.endswith("loss")),
+            flush=True)
+      history, last_log = [], done
+    if (config.sample_every and metrics_lib.itstime(done, config.sample_every, stage.end)
+        or last and done == stage.end):
+      write_samples(config, workdir, problem, b.nets, state, done)
+    if (metrics_lib.itstime(done, config.checkpoint_every, stage.end)
+        and (last or done < stage.end)) or done == stop_at:
+      ckptr.save(done, state, _meta(stage, done))
+  return state
+
+
+def sample_generator(nets: steps.Nets, params, noise, cond, seed: int = 0) -> Array:
+  """The student's samples: all of its ``len(nets.gen_times)`` steps from ``noise``."""
+  k = len(nets.gen_times) - 1
+  return jax.jit(lambda p, z, c: steps.generate(nets, p, z, c, k, jax.random.key(seed))
+                 )(params, noise, cond)
+
+
+def write_samples(config, workdir, problem, nets: steps.Nets, state, step: int) -> Path:
+  """A grid of generator samples (the EMA when there is one) from fixed noise and
+  conditioning: ``workdir/samples/step_<step>.png``."""
+  from PIL import Image
+  batch = problem.batch(0, frozenset())
+  n = min(config.num_samples, jax.tree.leaves(batch["cond"])[0].shape[0])
+  cond = jax.tree.map(lambda a: a[:n], batch["cond"])
+  noise = jax.random.normal(jax.random.key(config.seed + 11), (n, *problem.latent_shape))
+  params = state.generator_ema if state.generator_ema is not None else state.generator.params
+  latents = sample_generator(nets, params, noise, cond)
+  out = Path(workdir) / "samples"
+  path = out / f"step_{step:07d}.png"
+  if jax.process_index() == 0 and problem.render is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(problem.render(np.asarray(jax.device_get(latents)))).save(path)
+  return path
+
+
+def _initial_state(config, workdir, ckptr, problem, mesh, all_stages):
+  """``(state or None, start step, stage index of the state)``; ``None``: initialise the
+  first stage."""
   resume = checkpoint.resolve_resume(workdir, config.get("resume") or None,
                                      init_from_teacher=True)
-  if resume.source in ("workdir", "resume"):
-    src = ckptr if resume.source == "workdir" else checkpoint.TrainCheckpointer(
-        resume.directory, read_only=True)
-    state, meta = src.restore(resume.step, sharding.abstract_with_shardings(
-        b["abstract"], shardings))
-    if jax.process_index() == 0:
-      print(f"resumed from {resume.directory} step {resume.step} "
-            f"(stage {meta.get('stage')})", flush=True)
-    return state, int(resume.step)
-  return jax.jit(b["init"], out_shardings=shardings)(*b["init_args"]), 0
+  if resume.source not in ("workdir", "resume"):
+    return None, 0, None
+  step = int(resume.step)
+  src = ckptr if resume.source == "workdir" else checkpoint.TrainCheckpointer(
+      resume.directory, read_only=True)
+  written_by = src.read_meta(step).get("stage")
+  # The stage that wrote it: the one running ``step``, or the one ending there (a run
+  # stopped at a hand-over).
+  index = next((i for i, s in enumerate(all_stages)
+                if s.method == written_by and s.start <= step <= s.end), None)
+  if index is None:
+    raise checkpoint.CheckpointError(
+        f"checkpoint {resume.directory}/{step} was written by stage {written_by!r}, which "
+        f"this config does not run at step {step} (stages: "
+        f"{[(s.method, s.start, s.end) for s in all_stages]})")
+  stage = all_stages[index]
+  b = build(config, mesh, problem, stage.method)
+  state, _ = src.restore(step, sharding.abstract_with_shardings(b.abstract, b.shardings))
+  if jax.process_index() == 0:
+    print(f"resumed from {resume.directory} step {step} (stage {stage.method})", flush=True)
+  return state, step, index

@@ -23,7 +23,8 @@ def _txs(lr=1e-3, wd=0.0):
   return {n: optim.make_optimizer(cfg) for n in state_lib.NETWORKS}
 
 
-def _setup(gen_times=(399.0,), cfg_scale=2.0, head="admhead2d", hp=None, txs=None):
+def _setup(gen_times=(399.0,), cfg_scale=2.0, head="admhead2d", hp=None, txs=None,
+           adp=False):
   teacher = toy.ToyDenoiser(CFG, rngs=nnx.Rngs(0))
   graphdef, teacher_params = nnx.split(teacher)
   disc = disc_heads.MultiHeadDiscriminator({"mid": (CFG.hidden, 1)}, head=head,
@@ -31,6 +32,9 @@ def _setup(gen_times=(399.0,), cfg_scale=2.0, head="admhead2d", hp=None, txs=Non
                                            rngs=nnx.Rngs(1))
   dgraph, disc_params = nnx.split(disc)
   apply = toy.denoiser_apply(graphdef)
+  if adp:                       # ADP's discriminator params are per branch
+    disc_params = {"latent": disc_params}
+    hp = {"adp_weights": {"latent": 1.0}, **(hp or {})}
   nets = steps.Nets(
       param=P.make("epsilon"), teacher=apply, student=apply,
       disc=lambda p, feats: nnx.merge(dgraph, p)(feats), txs=txs or _txs(),
@@ -39,7 +43,7 @@ def _setup(gen_times=(399.0,), cfg_scale=2.0, head="admhead2d", hp=None, txs=Non
   copy = lambda p: jax.tree.map(jnp.copy, p)
   state = state_lib.init_state(copy(teacher_params), copy(teacher_params), disc_params,
                                nets.txs, ema=False, seed=0)
-  return nets, state, teacher_params
+  return nets, state, {"teacher": teacher_params}
 
 
 def _batch(seed=0):
@@ -59,6 +63,8 @@ STEP_BUILDERS = {
     "adm_generator": steps.make_adm_generator_step,
     "adm_discriminator": steps.make_adm_discriminator_step,
     "regression": steps.make_regression_step,
+    "adp_generator": steps.make_adp_generator_step,
+    "adp_discriminator": steps.make_adp_discriminator_step,
 }
 
 
@@ -69,22 +75,23 @@ FOUR_STEP = (999.0, 749.0, 499.0, 249.0)
                          + [("dmd2_generator", FOUR_STEP), ("adm_discriminator", FOUR_STEP)])
 def test_one_trace_and_teacher_untouched(name, gen_times):
   chex.clear_trace_counter()       # the counter is per function name, across tests
-  nets, state, teacher_params = _setup(gen_times)
-  before = jax.tree.map(np.array, teacher_params)
+  nets, state, frozen = _setup(gen_times, adp=name.startswith("adp"))
+  before = jax.tree.map(np.array, frozen)
   fn = chex.assert_max_traces(n=1)(STEP_BUILDERS[name](nets))
   jitted = jax.jit(fn, donate_argnums=0)
   changed = None
   for i in range(3):
     old = jax.tree.map(np.array, state)
-    state, metrics = jitted(state, teacher_params, _batch(i), jax.random.key(i))
+    state, metrics = jitted(state, frozen, _batch(i), jax.random.key(i))
     assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values()), metrics
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), old, state)
   for k, v in tree.flatten(before).items():
-    np.testing.assert_array_equal(v, np.asarray(tree.flatten(teacher_params)[k]), err_msg=k)
+    np.testing.assert_array_equal(v, np.asarray(tree.flatten(frozen)[k]), err_msg=k)
   # Exactly the networks this step owns were updated.
   owned = {"fake_score": {"fake_score"}, "fake_score_gan": {"fake_score", "discriminator"},
            "dmd2_generator": {"generator"}, "adm_generator": {"generator"},
-           "adm_discriminator": {"discriminator"}, "regression": {"generator"}}[name]
+           "adm_discriminator": {"discriminator"}, "regression": {"generator"},
+           "adp_generator": {"generator"}, "adp_discriminator": {"discriminator"}}[name]
   for net in state_lib.NETWORKS:
     moved = any(jax.tree.leaves(getattr(changed, net).params))
     assert moved == (net in owned), (net, moved)
@@ -92,15 +99,15 @@ def test_one_trace_and_teacher_untouched(name, gen_times):
 
 def test_dm_gradient_vanishes_when_fake_equals_real():
   # Fake score == teacher and no guidance: x0_fake == x0_real, so the DM gradient is 0.
-  nets, state, teacher_params = _setup(cfg_scale=1.0)
+  nets, state, frozen = _setup(cfg_scale=1.0)
   step = steps.make_dmd2_generator_step(nets, gan=False)
-  _, m = jax.jit(step)(state, teacher_params, _batch(), jax.random.key(0))
+  _, m = jax.jit(step)(state, frozen, _batch(), jax.random.key(0))
   assert float(m["generator/grad_norm"]) == 0.0
   assert float(m["generator/dm_loss"]) == 0.0
   # With guidance the real score moves and the generator gets a gradient.
-  nets, state, teacher_params = _setup(cfg_scale=3.0)
+  nets, state, frozen = _setup(cfg_scale=3.0)
   _, m = jax.jit(steps.make_dmd2_generator_step(nets, gan=False))(
-      state, teacher_params, _batch(), jax.random.key(0))
+      state, frozen, _batch(), jax.random.key(0))
   assert float(m["generator/grad_norm"]) > 0
 
 
@@ -120,17 +127,17 @@ def test_backward_simulation_depth_zero_is_one_step_from_noise():
 
 
 def test_regression_step_learns():
-  nets, state, teacher_params = _setup(txs=_txs(lr=3e-3))
+  nets, state, frozen = _setup(txs=_txs(lr=3e-3))
   step = jax.jit(steps.make_regression_step(nets))
   batch = _batch()
   losses = []
   for i in range(60):
-    state, m = step(state, teacher_params, batch, jax.random.key(i))
+    state, m = step(state, frozen, batch, jax.random.key(i))
     losses.append(float(m["generator/regression_loss"]))
   assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
-def _two_steps(state, teacher_params, nets, jit_kw):
+def _two_steps(state, frozen, nets, jit_kw):
   # Without the GAN terms to keep compilation short; the GAN paths share the sharded
   # parameter / batch handling exercised here.
   fake = jax.jit(steps.make_fake_score_step(nets, gan=False), **jit_kw)
@@ -140,29 +147,95 @@ def _two_steps(state, teacher_params, nets, jit_kw):
     batch = _batch(i)
     if "in_shardings" in jit_kw:
       batch = jax.device_put(batch, jit_kw["in_shardings"][2])
-    state, m1 = fake(state, teacher_params, batch, jax.random.key(i))
-    state, m2 = gen(state, teacher_params, batch, jax.random.key(100 + i))
+    state, m1 = fake(state, frozen, batch, jax.random.key(i))
+    state, m2 = gen(state, frozen, batch, jax.random.key(100 + i))
     out.append({**m1, **m2})
   return out
 
 
 def test_one_device_equals_fsdp_mesh():
   assert jax.device_count() == 8
-  nets, state, teacher_params = _setup()
-  ref = _two_steps(jax.tree.map(jnp.copy, state), teacher_params, nets, {})
+  nets, state, frozen = _setup()
+  ref = _two_steps(jax.tree.map(jnp.copy, state), frozen, nets, {})
 
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   rules = [(r".*", "fsdp")]
   st_sh = state_lib.state_shardings(state, {n: rules for n in state_lib.NETWORKS}, mesh)
-  te_sh = sharding.infer_param_shardings(teacher_params, rules, mesh)
+  te_sh = sharding.infer_param_shardings(frozen, rules, mesh)
   batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), _batch())
   sharded_state = jax.device_put(state, st_sh)
   kernel = tree.flatten(sharded_state.generator.params)["blocks.0.fc1.kernel"]
   assert "fsdp" in str(kernel.sharding.spec)
   jit_kw = dict(in_shardings=(st_sh, te_sh, batch_sh, None), out_shardings=(st_sh, None),
                 donate_argnums=0)
-  got = _two_steps(sharded_state, jax.device_put(teacher_params, te_sh), nets, jit_kw)
+  got = _two_steps(sharded_state, jax.device_put(frozen, te_sh), nets, jit_kw)
   for a, b in zip(ref, got):
     for k in a:
       np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=2e-5, atol=1e-6,
                                  err_msg=k)
+
+
+def _pixel_nets(nets, weights):
+  """ADP's pixel path on the toy: a frozen linear "decoder" to 4x4 RGB images and a
+  frozen conv "encoder" to 2x2 features, plus heads on them."""
+  dec_w = jax.random.normal(jax.random.key(5), (CFG.data_dim, 4 * 4 * 3))
+  enc_w = jax.random.normal(jax.random.key(6), (2, 2, 3, 8))
+  decode = lambda p, x: jnp.tanh(x @ p["w"]).reshape(-1, 4, 4, 3)
+  pixel = lambda p, im: {"p": jax.lax.conv_general_dilated(
+      im, p["w"], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))}
+  heads = disc_heads.MultiHeadDiscriminator({"p": (8, 2)}, head="admhead2d", hidden=16,
+                                            groups=4, zero_init_out=False, rngs=nnx.Rngs(2))
+  hgraph, hparams = nnx.split(heads)
+  nets = steps.Nets(**{**nets.__dict__, "decode": decode, "pixel": pixel,
+                       "pixel_disc": lambda p, f: nnx.merge(hgraph, p)(f),
+                       "hp": steps.default_hparams(adp_weights=weights)})
+  return nets, {"w": dec_w}, {"w": enc_w}, hparams
+
+
+def test_adp_pixel_branch_trains_heads_and_generator_only():
+  nets, state, frozen = _setup(adp=True)
+  nets, dec, enc, pixel_heads = _pixel_nets(nets, {"latent": 0.85, "pixel": 0.15})
+  frozen = {**frozen, "decoder": dec, "pixel": enc}
+  params = {**state.discriminator.params, "pixel": pixel_heads}
+  state = state.replace(discriminator=state_lib.make_net_state(params, nets.txs[
+      "discriminator"]))
+  before = jax.tree.map(np.array, frozen)
+  d_step = jax.jit(steps.make_adp_discriminator_step(nets))
+  g_step = jax.jit(steps.make_adp_generator_step(nets))
+  old = jax.tree.map(np.array, state.discriminator.params)
+  state, m = d_step(state, frozen, _batch(), jax.random.key(0))
+  for branch in ("latent", "pixel"):
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                         old[branch], state.discriminator.params[branch])
+    assert any(jax.tree.leaves(moved)), branch
+    assert f"discriminator/{branch}_real_logit" in m
+  # The generator's gradient reaches it through the frozen decoder and encoder alone.
+  nets_pixel_only = steps.Nets(**{**nets.__dict__, "hp": steps.default_hparams(
+      adp_weights={"pixel": 1.0})})
+  state_p = state.replace(discriminator=state.discriminator.replace(
+      params={"pixel": state.discriminator.params["pixel"]}))
+  _, m = jax.jit(steps.make_adp_generator_step(nets_pixel_only))(
+      state_p, frozen, _batch(), jax.random.key(1))
+  assert float(m["generator/grad_norm"]) > 0 and "generator/pixel_fake_logit" in m
+  _, m = g_step(state, frozen, _batch(), jax.random.key(1))
+  assert np.isfinite(float(m["generator/loss"]))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_adp_input_is_the_rectified_flow_interpolant_on_flow_teachers():
+  nets, _, _ = _setup(adp=True)
+  nets = steps.Nets(**{**nets.__dict__, "param": P.make("flow")})
+  batch = _batch()
+  x_t, t = steps._adp_input(nets, batch, jax.random.key(4))
+  t = np.asarray(t)[:, None]
+  want = (1 - t) * np.asarray(batch["pair_latent"]) + t * np.asarray(batch["pair_noise"])
+  np.testing.assert_allclose(np.asarray(x_t), want, rtol=1e-6, atol=1e-6)
+  # Cubic schedule t = 1 - u³, biased to high noise: P(t > 1/2) = 2^(-1/3) ≈ 0.79.
+  ts = np.asarray(steps._t_cubic(nets, jax.random.key(0), 20000))
+  assert abs((ts > 0.5).mean() - 0.5 ** (1 / 3)) < 0.01
+
+
+def test_adp_weights_are_checked():
+  with pytest.raises(ValueError, match="adp_weights"):
+    steps.default_hparams(adp_weights={"latent": 1.0, "pxel": 0.1})

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from adm_jax import config_lib, train
+from adm_jax.checkpoint import CheckpointError
 
 
 def _config(method="dmd2", **overrides):
@@ -46,7 +47,7 @@ def test_dmd2_logs_checkpoints_and_resumes_exactly(tmp_path):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("method", ["adm", "regression"])
+@pytest.mark.parametrize("method", ["adm", "adp", "regression"])
 def test_other_methods_train(method, tmp_path):
   config = _config(method, ema_decay=0.5)
   state = train.train_and_evaluate(config, str(tmp_path))
@@ -59,7 +60,8 @@ def test_other_methods_train(method, tmp_path):
   assert 0 < dist(e, g) < dist(init, g)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert int(state.generator.step) == 12
-  want = {"adm": "discriminator/loss", "regression": "generator/regression_loss"}[method]
+  want = {"adm": "discriminator/loss", "adp": "generator/adp_gan_loss",
+          "regression": "generator/regression_loss"}[method]
   assert np.isfinite(rows[-1][want])
 
 
@@ -68,7 +70,40 @@ def test_non_finite_loss_names_network_and_steps(tmp_path):
     train.train_and_evaluate(_config(**{"hparams.dm_weight": float("nan")}), str(tmp_path))
 
 
+def test_dmdx_hands_over_from_adp_to_adm_and_resumes_across_the_boundary(tmp_path):
+  straight = train.train_and_evaluate(_config("dmdx"), str(tmp_path / "a"))
+  ckpts = tmp_path / "a" / "checkpoints"
+  metas = {p.name: json.loads((p / "meta" / "metadata").read_text())
+           for p in ckpts.iterdir() if p.name.isdigit()}
+  # Step 6 is the hand-over: the ADM stage's first state, holding the ADP generator.
+  assert {k: m["stage"] for k, m in metas.items()} == {"6": "adm", "12": "adm"}
+  rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert "generator/adp_gan_loss" in rows[0] and "fake_score/loss" in rows[-1]
+  assert int(straight.generator.step) == 6          # ADM's own generator updates
+  assert (tmp_path / "a" / "samples" / "step_0000012.png").exists()
+
+  # Stopped inside ADP (step 4), at the hand-over (6) and inside ADM (9), then resumed:
+  # the same final state as the uninterrupted run.
+  for stop in (4, 6, 9):
+    work = str(tmp_path / f"stop{stop}")
+    train.train_and_evaluate(_config("dmdx"), work, stop_at=stop)
+    resumed = train.train_and_evaluate(_config("dmdx"), work)
+    a, b = _flat(straight), _flat(resumed)
+    assert a.keys() == b.keys(), stop
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=f"{stop} {k}")
+
+
+def test_checkpoint_from_another_stage_layout_is_refused(tmp_path):
+  train.train_and_evaluate(_config("adm"), str(tmp_path), stop_at=4)
+  with pytest.raises(CheckpointError, match="stage 'adm'"):
+    train.train_and_evaluate(_config("dmdx"), str(tmp_path))
+
+
 def test_unknown_family_for_training(tmp_path):
   c = config_lib.load_config_file("configs/sdxl_onestep.py:tiny")
-  with pytest.raises(config_lib.ConfigError, match="valid: toy"):
+  c.family = "sd3"
+  c.teacher.family = "sd3"
+  c.batch_size = 8
+  with pytest.raises(config_lib.ConfigError, match="valid: toy, sdxl"):
     train.train_and_evaluate(c, str(tmp_path))

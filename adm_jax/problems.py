@@ -1,0 +1,210 @@
+"""What each model family gives the trainer: a :class:`Problem`.
+
+A problem is the frozen teacher (apply function, parameterisation, frozen parameters),
+the students' architecture and initial weights (a copy of the teacher's), the optional
+pixel path of ADP's second discriminator (VAE decoder + frozen vision encoder) and a
+deterministic batch function. The trainer (:mod:`adm_jax.train`) never branches on the
+family; adding SD3 or CogVideoX is one more entry in :data:`PROBLEMS`.
+
+Batches are functions of the step (``batch(step, needs)``), so a resumed run sees the
+same data as an uninterrupted one. ``needs`` says what the method reads besides
+``cond`` / ``uncond``: ``"pairs"`` (ODE pairs ``pair_noise`` / ``pair_latent``) and
+``"real"`` (``real`` latents with ``real_cond`` for DMD2's GAN). Until the ODE-pair job
+and datasets land, both are made online by the teacher's PF-ODE sampler (the teacher's
+samples stand in for real latents).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adm_jax import config_lib, conditioning, sampling, sharding
+from adm_jax import teacher as teacher_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class Problem:
+  """A family's side of a distillation run.
+
+  Attributes:
+    param: the teacher's parameterisation (the students share it).
+    teacher: ``apply(params, x_t, model_time, cond, *, return_features=False)``.
+    frozen: ``{"teacher": params}`` plus ``"decoder"`` / ``"pixel"`` for ADP's pixel
+      discriminator; never checkpointed, never trained.
+    student: apply function of the generator and the fake score.
+    student_params: their initial parameters.
+    latent_shape: one sample's latent shape, e.g. ``(128, 128, 4)``.
+    batch: ``(step, needs) -> host batch dict``, deterministic in ``step``.
+    decode: ``decode(frozen["decoder"], latents) -> images [B, H, W, 3]`` in [-1, 1].
+    pixel: ``pixel(frozen["pixel"], images) -> {name: [B, h, w, c]}``.
+    render: ``latents [N, ...] -> uint8 image`` of a sample grid (host side).
+  """
+  param: Any
+  teacher: Callable
+  frozen: dict
+  student: Callable
+  student_params: Any
+  latent_shape: tuple[int, ...]
+  batch: Callable[[int, frozenset], dict]
+  decode: Callable | None = None
+  pixel: Callable | None = None
+  render: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _step_key(config, step: int, salt: int = 7):
+  return jax.random.fold_in(jax.random.key(config.seed + salt), step)
+
+
+# ------------------------------------------------------------------------------- toy
+
+
+def toy(config, mesh) -> Problem:
+  """The exact-score 2-D mixture (``family="toy"``): no weights, no pixels."""
+  from adm_jax.models import toy as toy_lib
+  del mesh
+  mixture = toy_lib.ToyMixture.ring(**config.toy.mixture)
+  param = teacher_lib.make_parameterization(config.teacher)
+  student = toy_lib.init_denoiser(toy_lib.ToyConfig(**config.toy.student), config.seed)
+  graphdef, _ = nnx.split(student)
+  # "Initialised from the teacher": the exact teacher has no weights, so the students
+  # start as an MLP regressed onto it.
+  params = toy_lib.fit_to_teacher(student, mixture, param, steps=config.toy.fit_steps,
+                                  rng=jax.random.key(config.seed))
+  teacher = mixture.teacher_apply(param)
+  pairs = jax.jit(sampling.make_ode_sampler(
+      teacher, param, config.pairs.num_steps, cfg_scale=config.teacher.guidance_scale,
+      sampler=config.pairs.sampler, spacing=config.pairs.spacing))
+
+  def batch(step: int, needs=frozenset()) -> dict:
+    r = jax.random.split(_step_key(config, step), 4)
+    b = config.batch_size
+    labels = jax.random.randint(r[0], (b,), 0, mixture.num_modes)
+    if not config.toy.conditional:                 # the whole mixture from noise alone
+      labels = jnp.full((b,), toy_lib.NULL_LABEL, jnp.int32)
+    cond = {"label": labels}
+    out = dict(cond=cond, uncond=toy_lib.uncond_like(cond))
+    if "real" in needs:
+      out.update(real=mixture.sample(r[1], b, label=labels), real_cond=cond)
+    if "pairs" in needs:
+      noise = jax.random.normal(r[2], (b, mixture.dim))
+      out.update(pair_noise=noise, pair_latent=pairs({}, noise, cond, out["uncond"]))
+    return out
+
+  return Problem(param=param, teacher=teacher, frozen={"teacher": {}},
+                 student=toy_lib.denoiser_apply(graphdef), student_params=params,
+                 latent_shape=(mixture.dim,), batch=batch,
+                 render=functools.partial(_scatter_png, mixture))
+
+
+def _scatter_png(mixture, samples: np.ndarray, size: int = 256) -> np.ndarray:
+  """2-D samples as white dots on black (mode centres in red), uint8 ``[S, S, 3]``."""
+  img = np.zeros((size, size, 3), np.uint8)
+  lim = float(np.abs(np.asarray(mixture.means_array())).max()) * 1.5
+  to_px = lambda p: np.clip(((p + lim) / (2 * lim) * (size - 1)).round().astype(int), 0,
+                            size - 1)
+  xy = to_px(np.asarray(samples, np.float32))
+  img[size - 1 - xy[:, 1], xy[:, 0]] = 255
+  m = to_px(np.asarray(mixture.means_array()))
+  img[size - 1 - m[:, 1], m[:, 0]] = (255, 0, 0)
+  return img
+
+
+# ------------------------------------------------------------------------------ SDXL
+
+
+def _unet_apply(graphdef):
+  def apply(params, x_t, model_time, cond, *, return_features: bool = False):
+    return nnx.merge(graphdef, params)(x_t, model_time, cond,
+                                       return_features=return_features)
+  return apply
+
+
+def _pixel_encoder(pcfg, mesh):
+  """ADP's frozen pixel encoder: ``(apply(params, images), params)``; SAM's ViT image
+  encoder read from a transformers ``SamModel`` / ``SamVisionModel`` folder."""
+  from adm_jax.convert import sam as sam_convert
+  from adm_jax.models import sam
+  if pcfg.encoder != "sam":
+    raise config_lib.ConfigError(f"config.disc.pixel.encoder={pcfg.encoder!r}; valid: "
+                                 "'sam' (or drop 'pixel' from hparams.adp_weights)")
+  cfg, graphdef, params = sam_convert.load(pcfg.weights_dir)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  layers = tuple(int(i) for i in pcfg.layers)
+
+  def apply(p, images):                                    # images [B, H, W, 3] in [-1, 1]
+    x = sam.preprocess(images, cfg.image_size)
+    out = nnx.merge(graphdef, p)(x, feature_layers=layers, neck=False)
+    return {f"layer_{i}": f for i, f in out["layers"].items()}      # [B, h, w, D]
+  return apply, params
+
+
+def sdxl(config, mesh) -> Problem:
+  """SDXL-family teacher (ε-prediction UNet, two CLIP encoders, VAE): prompts from
+  ``config.data.prompts``, encoded once; the students are copies of the teacher's
+  UNet in float32."""
+  shard = lambda abstract: sharding.infer_abstract_params(abstract, config.sharding_rules,
+                                                          mesh)
+  teacher = teacher_lib.load_teacher(config.teacher, shard=shard)
+  param = teacher_lib.make_parameterization(config.teacher)
+  apply = _unet_apply(teacher.denoiser.graphdef)
+  prompts = list(config.data.prompts)
+  if not prompts:
+    raise config_lib.ConfigError("config.data.prompts is empty")
+  all_cond = jax.device_get(teacher.encode_prompts(prompts))          # {k: [P, ...]}
+  vae = teacher.parts["vae"]
+  frozen = {"teacher": teacher.denoiser.params, "decoder": vae.params}
+
+  def decode(p, latents):                                             # -> [B, H, W, 3]
+    return jnp.clip(nnx.merge(vae.graphdef, p).decode(latents), -1.0, 1.0)
+
+  pixel = None
+  if "pixel" in config.hparams.get("adp_weights", {"pixel": 1}) and config.method in (
+      "adp", "dmdx"):
+    pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh)
+  pairs = jax.jit(sampling.make_ode_sampler(
+      apply, param, config.pairs.num_steps, cfg_scale=config.teacher.guidance_scale,
+      sampler=config.pairs.sampler, spacing=config.pairs.spacing))
+  # A float32 copy of the teacher for the students (f32 master weights).
+  student_params = jax.tree.map(lambda a: a.astype(jnp.float32), teacher.denoiser.params)
+
+  def batch(step: int, needs=frozenset()) -> dict:
+    r = jax.random.split(_step_key(config, step), 4)
+    b = config.batch_size
+    idx = np.asarray(jax.random.randint(r[0], (b,), 0, len(prompts)))
+    cond = {k: v[idx] for k, v in all_cond.items()}
+    out = dict(cond=cond, uncond=conditioning.uncond_like(cond))
+    if needs & {"pairs", "real"}:
+      noise = jax.random.normal(r[1], (b, *teacher.latent_shape))
+      latent = pairs(frozen["teacher"], noise, cond, out["uncond"])
+      if "pairs" in needs:
+        out.update(pair_noise=noise, pair_latent=latent)
+      if "real" in needs:
+        out.update(real=latent, real_cond=cond)
+    return out
+
+  def render(latents):
+    images = jax.jit(decode)(frozen["decoder"], jnp.asarray(latents))
+    images = np.asarray(jnp.clip((images + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
+    return sampling.image_grid(images, rows=max(1, int(np.sqrt(len(images)))))
+
+  return Problem(param=param, teacher=apply, frozen=frozen, student=apply,
+                 student_params=student_params, latent_shape=teacher.latent_shape,
+                 batch=batch, decode=decode, pixel=pixel, render=render)
+
+
+PROBLEMS: dict[str, Callable[..., Problem]] = {"toy": toy, "sdxl": sdxl}
+
+
+def make(config, mesh) -> Problem:
+  if config.family not in PROBLEMS:
+    raise config_lib.ConfigError(f"training is not available for family "
+                                 f"{config.family!r} yet; valid: {', '.join(PROBLEMS)}")
+  return PROBLEMS[config.family](config, mesh)
