@@ -132,7 +132,9 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       batch_size=batch_size,
       total_steps=total_steps,
       dmd2=dict(gan=True),
-      dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction))),
+      # DMDX: ADP steps, and per-stage optimiser overrides ({net: {"lr": ...}}).
+      dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction)), adp_optim={},
+                adm_optim={}),
       hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
       pairs=dict(num_steps=25, sampler="ddim", spacing="trailing"),   # online ODE pairs
       log_every=100,

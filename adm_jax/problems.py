@@ -83,8 +83,9 @@ def toy(config, mesh) -> Problem:
       teacher, param, config.pairs.num_steps, cfg_scale=config.teacher.guidance_scale,
       sampler=config.pairs.sampler, spacing=config.pairs.spacing))
 
-  def batch(step: int, needs=frozenset()) -> dict:
-    r = jax.random.split(_step_key(config, step), 4)
+  @functools.partial(jax.jit, static_argnums=1)
+  def make_batch(key, needs):
+    r = jax.random.split(key, 4)
     b = config.batch_size
     labels = jax.random.randint(r[0], (b,), 0, mixture.num_modes)
     if not config.toy.conditional:                 # the whole mixture from noise alone
@@ -97,6 +98,9 @@ def toy(config, mesh) -> Problem:
       noise = jax.random.normal(r[2], (b, mixture.dim))
       out.update(pair_noise=noise, pair_latent=pairs({}, noise, cond, out["uncond"]))
     return out
+
+  def batch(step: int, needs=frozenset()) -> dict:      # one dispatch per step
+    return make_batch(_step_key(config, step), frozenset(needs))
 
   return Problem(param=param, teacher=teacher, frozen={"teacher": {}},
                  student=toy_lib.denoiser_apply(graphdef), student_params=params,

@@ -167,6 +167,15 @@ def _discriminator(method, config, problem: problems.Problem, hp, example):
   return disc, pixel_disc, params
 
 
+def _optim_config(config, method: str, net: str):
+  """``config.optim[net]``, updated by ``config.dmdx.<stage>_optim[net]`` in a DMDX stage
+  (ADP and ADM may want different learning rates)."""
+  out = config_lib.ConfigDict(config.optim[net].to_dict())
+  if config.method == "dmdx":
+    out.update(config.dmdx.get(f"{method}_optim", {}).get(net, {}))
+  return out
+
+
 @dataclasses.dataclass
 class Built:
   nets: steps.Nets
@@ -188,7 +197,7 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
   disc = pixel_disc = disc_params = None
   if "discriminator" in used:
     disc, pixel_disc, disc_params = _discriminator(method, config, problem, hp, example)
-  txs = {n: optim.make_optimizer(config.optim[n]) for n in used}
+  txs = {n: optim.make_optimizer(_optim_config(config, method, n)) for n in used}
   nets = steps.Nets(param=problem.param, teacher=problem.teacher, student=problem.student,
                     disc=disc, txs=txs, latent_shape=problem.latent_shape,
                     gen_times=tuple(float(t) for t in config.student.times),

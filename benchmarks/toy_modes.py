@@ -8,6 +8,7 @@ Prints per method and seed: modes covered (of 8), fraction of samples inside a m
 time; the teacher's own 25-step DDIM samples are the reference row.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def main(argv=None):
   ap.add_argument("--seeds", default="0,1")
   ap.add_argument("--samples", type=int, default=4000)
   ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--json", default="", help="also write the rows to this JSON file")
   args = ap.parse_args(argv)
   rows = []
   for seed in [int(s) for s in args.seeds.split(",")]:
@@ -88,6 +90,10 @@ def main(argv=None):
   for name, seed, g, wall, s in rows:
     print(f"| {name} | {seed} | {s['modes']:.0f} | {s['in_mode']:.3f} | {s['mmd']:.4f} | "
           f"{s['sw1']:.4f} | {g} | {wall:.0f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([dict(method=n, seed=sd, generator_updates=g, wall_s=w, **s)
+                 for n, sd, g, w, s in rows], f, indent=1)
   return rows
 
 

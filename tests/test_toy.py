@@ -310,7 +310,7 @@ def test_toy_denoiser_shapes_and_features():
   assert not np.allclose(r["zero"], r["none"])
   # The exact teacher's features have the same layout.
   t_out, t_feats = r["teacher"]
-  assert t_out.shape == (5, 2) and t_feats["mid"].shape == (5, 1, 1, 16)
+  assert t_out.shape == (5, 2) and t_feats["mid"].shape == (5, 1, 1, 16 + 8 + 2)
   assert np.abs(t_feats["mid"]).max() <= 1.0
 
 

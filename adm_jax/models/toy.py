@@ -281,11 +281,14 @@ class ToyMixture:
     ``model_time`` is what a network is fed (:meth:`Parameterization.model_time`) and is
     mapped back with :func:`alpha_sigma_from_model_time`.
 
-    With ``return_features=True`` it returns ``(out, {"mid": [B, 1, 1, F]})``: the exact
-    teacher has no hidden layers, so its "features" are fixed random Fourier features
-    ``[sin(z W), cos(z W)]`` of ``z = (x_t, model_time / T)`` (``W ~ N(0, 1)`` ``[D + 1,
-    F / 2]`` from ``feature_seed``). They let discriminator heads written for the UNet's
-    4-D channels-last features run on the toy teacher unchanged.
+    With ``return_features=True`` it returns ``(out, {"mid": [B, 1, 1, F + K + D]})``.
+    The exact teacher has no hidden layers, so its "features" stand in for what a
+    trained denoiser's layers encode: fixed random Fourier features ``[sin(z W), cos(z
+    W)]`` of ``z = (x_t, model_time / T)`` (``W ~ N(0, 1)`` ``[D + 1, F / 2]`` from
+    ``feature_seed``), the posterior mode responsibilities ``P(k | x_t)`` ``[K]`` (which
+    mode the sample is heading to) and ``tanh(E[x0 | x_t] / 2)`` ``[D]``; all in
+    ``[-1, 1]``. ADM's / ADP's discriminators (heads on the teacher's features) read
+    them through heads written for the UNet's 4-D channels-last features, unchanged.
 
     Args:
       param: the :class:`~adm_jax.parameterization.Parameterization` (schedule + output
@@ -325,8 +328,10 @@ def _teacher_apply(mixture: ToyMixture, param, feature_dim: int, feature_seed: i
       return out
     z = jnp.concatenate([x_t, (mt / span)[:, None]], axis=-1)          # [B, D + 1]
     proj = z @ jnp.asarray(w_feat)                                     # [B, F / 2]
-    feat = jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)    # [B, F]
-    return out, {"mid": feat[:, None, None, :]}                        # [B, 1, 1, F]
+    resp = mixture.responsibilities(x_t, alpha, sigma, label)          # [B, K]
+    feat = jnp.concatenate([jnp.sin(proj), jnp.cos(proj), resp, jnp.tanh(x0 / 2)],
+                           axis=-1)                                    # [B, F + K + D]
+    return out, {"mid": feat[:, None, None, :]}                        # [B, 1, 1, F+K+D]
 
   return jax.jit(apply, static_argnames="return_features")
 
