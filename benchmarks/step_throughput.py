@@ -62,11 +62,11 @@ def _problem(ref, unet, vae, sam, latent_hw) -> problems.Problem:
   (_, ugraph, uparams), (_, vgraph, vparams), (scfg, sgraph, sparams) = unet, vae, sam
   apply = problems._unet_apply(ugraph)
   to_np = lambda t: np.ascontiguousarray(t.detach().cpu().numpy())
-  cond = {"context": to_np(ref.cond["encoder_hidden_states"]),
-          "pooled": to_np(ref.cond["text_embeds"]), "time_ids": to_np(ref.cond["time_ids"])}
-  real_cond = {"context": to_np(ref.real["encoder_hidden_states"]),
-               "pooled": to_np(ref.real["text_embeds"]),
-               "time_ids": to_np(ref.real["time_ids"])}
+  def sdxl(c):
+    return {"context": to_np(c["text_embedding"]),
+            "pooled": to_np(c["unet_added_conditions"]["text_embeds"]),
+            "time_ids": to_np(c["unet_added_conditions"]["time_ids"])}
+  cond, real_cond = sdxl(ref.cond), sdxl(ref.real)
   real = to_np(ref.real["latents"]).transpose(0, 2, 3, 1)               # [B, h, w, 4]
   b = real.shape[0]
   rng = np.random.default_rng(0)
