@@ -100,6 +100,14 @@ def _apply_grads(net: NetState, grads, tx, name: str):
   return net.replace(params=params, opt_state=opt_state, step=net.step + 1), metrics
 
 
+def _train(state: DistillState, nets: Nets, name: str, loss_fn):
+  """One update of network ``name`` on ``loss_fn(params) -> (loss, metrics)``."""
+  net = getattr(state, name)
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
+  net, m = _apply_grads(net, grads, nets.txs[name], name)
+  return state.replace(**{name: net}), {**metrics, **m}
+
+
 def _x0(nets: Nets, apply, params, x_t, t, cond):
   """x0 prediction of a student network (no guidance) at ``t`` ``[B]``."""
   out = apply(params, x_t, nets.param.model_time(t), cond)
@@ -268,9 +276,7 @@ def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
       metrics["generator/loss"] = loss
       return loss, metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
-    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
-    return state.replace(generator=gen), {**metrics, **m}
+    return _train(state, nets, "generator", loss_fn)
   return step
 
 
@@ -315,9 +321,7 @@ def make_adm_generator_step(nets: Nets) -> Callable:
       loss = losses.hinge_g(logits)
       return loss, {"generator/loss": loss, "generator/adm_fake_logit": logits.mean()}
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
-    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
-    return state.replace(generator=gen), {**metrics, **m}
+    return _train(state, nets, "generator", loss_fn)
   return step
 
 
@@ -346,11 +350,7 @@ def make_adm_discriminator_step(nets: Nets) -> Callable:
       return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
                     "discriminator/fake_logit": lf.mean()}
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.discriminator.params)
-    disc, m = _apply_grads(state.discriminator, grads, nets.txs["discriminator"],
-                           "discriminator")
-    return state.replace(discriminator=disc), {**metrics, **m}
+    return _train(state, nets, "discriminator", loss_fn)
   return step
 
 
@@ -370,9 +370,7 @@ def make_regression_step(nets: Nets) -> Callable:
       loss = losses.regression_loss(x0, target, nets.hp["regression"])
       return loss, {"generator/regression_loss": loss}
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
-    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
-    return state.replace(generator=gen), {**metrics, **m}
+    return _train(state, nets, "generator", loss_fn)
   return step
 
 
@@ -441,9 +439,7 @@ def make_adp_generator_step(nets: Nets) -> Callable:
       metrics["generator/loss"] = loss
       return loss, metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator.params)
-    gen, m = _apply_grads(state.generator, grads, nets.txs["generator"], "generator")
-    return state.replace(generator=gen), {**metrics, **m}
+    return _train(state, nets, "generator", loss_fn)
   return step
 
 
@@ -471,9 +467,5 @@ def make_adp_discriminator_step(nets: Nets) -> Callable:
         metrics[f"discriminator/{k}_fake_logit"] = fake[k].mean()
       return loss, metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.discriminator.params)
-    disc, m = _apply_grads(state.discriminator, grads, nets.txs["discriminator"],
-                           "discriminator")
-    return state.replace(discriminator=disc), {**metrics, **m}
+    return _train(state, nets, "discriminator", loss_fn)
   return step
