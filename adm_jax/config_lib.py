@@ -170,6 +170,18 @@ def load_config_file(spec: str) -> ConfigDict:
   return module.get_config(arg or None)
 
 
+def override(config: ConfigDict, values: dict) -> ConfigDict:
+  """Sets ``{"a.b": value}`` entries on ``config`` in place (scripts and tests; a new
+  leaf may be added, e.g. under ``hparams``). Returns ``config``."""
+  for dotted, value in values.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 def _lookup(config: ConfigDict, dotted: str):
   node = config
   for part in dotted.split("."):

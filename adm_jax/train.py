@@ -185,6 +185,7 @@ class Built:
   shardings: state_lib.DistillState
   plan: list
   needs: frozenset
+  example: dict           # problem.batch(0, needs): shapes for the jitted plan
 
 
 def build(config, mesh, problem: problems.Problem, method: str) -> Built:
@@ -213,12 +214,11 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
   rules = {n: config.sharding_rules for n in state_lib.NETWORKS}
   shardings = state_lib.state_shardings(abstract, rules, mesh)
   return Built(nets, init, init_args, abstract, shardings, method_plan(method, config, nets),
-               needs)
+               needs, example)
 
 
 def _jit_plan(b: Built, problem, mesh):
-  example = problem.batch(0, b.needs)
-  batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), example)
+  batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), b.example)
   frozen_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) and len(
       a.sharding.device_set) == mesh.size else sharding.replicated(mesh), problem.frozen)
   jitted = [(name, jax.jit(fn, in_shardings=(b.shardings, frozen_sh, batch_sh, None),
@@ -300,6 +300,7 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
                  out_shardings=b.shardings)
   ema = jax.jit(lambda s: state_lib.update_ema(s, config.ema_decay), donate_argnums=0,
                 out_shardings=b.shardings)
+  sampler = make_sampler(b.nets)
   history, last_log = [], start
   for step in range(start, end):
     batch = jax.device_put(problem.batch(step, b.needs), batch_sh)
@@ -324,21 +325,26 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
       history, last_log = [], done
     if (config.sample_every and metrics_lib.itstime(done, config.sample_every, stage.end)
         or last and done == stage.end):
-      write_samples(config, workdir, problem, b.nets, state, done)
+      write_samples(config, workdir, problem, sampler, state, done)
     if (metrics_lib.itstime(done, config.checkpoint_every, stage.end)
         and (last or done < stage.end)) or done == stop_at:
       ckptr.save(done, state, _meta(stage, done))
   return state
 
 
-def sample_generator(nets: steps.Nets, params, noise, cond, seed: int = 0) -> Array:
-  """The student's samples: all of its ``len(nets.gen_times)`` steps from ``noise``."""
+def make_sampler(nets: steps.Nets, seed: int = 0):
+  """Jitted ``(params, noise, cond) -> samples``: all ``len(nets.gen_times)`` student
+  steps from ``noise``."""
   k = len(nets.gen_times) - 1
-  return jax.jit(lambda p, z, c: steps.generate(nets, p, z, c, k, jax.random.key(seed))
-                 )(params, noise, cond)
+  return jax.jit(lambda p, z, c: steps.generate(nets, p, z, c, k, jax.random.key(seed)))
 
 
-def write_samples(config, workdir, problem, nets: steps.Nets, state, step: int) -> Path:
+def sample_generator(nets: steps.Nets, params, noise, cond, seed: int = 0) -> Array:
+  """One-off :func:`make_sampler` call."""
+  return make_sampler(nets, seed)(params, noise, cond)
+
+
+def write_samples(config, workdir, problem, sampler, state, step: int) -> Path:
   """A grid of generator samples (the EMA when there is one) from fixed noise and
   conditioning: ``workdir/samples/step_<step>.png``."""
   from PIL import Image
@@ -347,7 +353,7 @@ def write_samples(config, workdir, problem, nets: steps.Nets, state, step: int) 
   cond = jax.tree.map(lambda a: a[:n], batch["cond"])
   noise = jax.random.normal(jax.random.key(config.seed + 11), (n, *problem.latent_shape))
   params = state.generator_ema if state.generator_ema is not None else state.generator.params
-  latents = sample_generator(nets, params, noise, cond)
+  latents = sampler(params, noise, cond)
   out = Path(workdir) / "samples"
   path = out / f"step_{step:07d}.png"
   if jax.process_index() == 0 and problem.render is not None:

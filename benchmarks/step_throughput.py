@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dmd2_torch_reference as ref_lib  # noqa: E402
+from unet_forward import _interleaved_medians  # noqa: E402
 
 from adm_jax import config_lib, problems, sharding, train  # noqa: E402
 from adm_jax import teacher as teacher_lib  # noqa: E402
@@ -130,16 +131,6 @@ def _jax_iteration(method, problem, levels, mesh):
   return iteration
 
 
-def _medians(fns, repeats):
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, ts in zip(fns, times):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-  return [float(np.median(ts)) * 1e3 for ts in times]
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", choices=("small", "mid"), default="mid")
@@ -165,9 +156,10 @@ def main(argv=None):
     compile_s = time.perf_counter() - t0
     if method == "dmd2":
       ref.iteration()                                       # warm-up
-      jax_ms, torch_ms = _medians([ours, ref.iteration], args.repeats)
+      jax_ms, torch_ms = (1e3 * m for m in _interleaved_medians([ours, ref.iteration],
+                                                                 args.repeats))
     else:
-      (jax_ms,), torch_ms = _medians([ours], args.repeats), None
+      jax_ms, torch_ms = 1e3 * _interleaved_medians([ours], args.repeats)[0], None
     rows.append((method, jax_ms, torch_ms, compile_s))
   print(f"\nSDXL-architecture UNet '{args.config}' ({n_params / 1e6:.0f} M params), "
         f"latents {latent}x{latent}x4, batch {args.batch}, float32, TTUR 1, median of "

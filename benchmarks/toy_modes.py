@@ -32,12 +32,7 @@ def config_for(method, overrides, steps, seed):
   c.log_every = steps
   c.checkpoint_every = steps
   c.seed = seed
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config_lib.override(c, overrides)
   return config_lib.validate(c)
 
 

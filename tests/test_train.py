@@ -12,12 +12,7 @@ from adm_jax.checkpoint import CheckpointError
 
 def _config(method="dmd2", **overrides):
   c = config_lib.load_config_file(f"configs/toy.py:method={method},variant=tiny")
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config_lib.override(c, overrides)
   return config_lib.validate(c)
 
 
