@@ -31,6 +31,9 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
     "pillow==13.0.0",
+    # The embedded digits benchmark: scikit-learn ships the data set (load_digits).
+    "scikit-learn==1.9.1",
+    "scipy==1.17.1",
 ]
 
 # Conversion from / export to PyTorch checkpoints and the torch parity tests.
@@ -52,6 +55,8 @@ setup(
                 "generators with ADM/DMDX, DMD2 and Diffusion2GAN, in JAX.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["adm_jax", "adm_jax.*"]),
+    # The shipped digit classifier (evaluation of the embedded digits benchmark).
+    package_data={"adm_jax": ["assets/digits/classifier/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"torch": TORCH_REQUIRES, "test": TEST_REQUIRES},
 )

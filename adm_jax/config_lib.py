@@ -27,6 +27,8 @@ CHOICES: dict[str, tuple] = {
     "sample.spacing": ("trailing", "leading", "linspace"),
     "pairs.sampler": ("ddim", "euler"),
     "pairs.spacing": ("trailing", "leading", "linspace"),
+    "pairs.source": ("online", "files"),
+    "pairs.record_dtype": ("float32", "float16"),
     "hparams.gan_loss": ("nonsaturating", "hinge"),
     "hparams.regression": ("mse", "pseudo_huber"),
     "disc.head": ("admhead2d", "dmd2"),
@@ -136,7 +138,7 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction)), adp_optim={},
                 adm_optim={}),
       hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
-      pairs=dict(num_steps=25, sampler="ddim", spacing="trailing"),   # online ODE pairs
+      pairs=pair_settings(),
       log_every=100,
       checkpoint_every=1000,
       keep_checkpoints=2,
@@ -144,6 +146,20 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       sample_every=0,                     # sample grid every N steps (0: at the end only)
       num_samples=16,
   ))
+
+
+def pair_settings(**overrides) -> ConfigDict:
+  """ODE pairs (``adm_jax/pairs.py``): the teacher's PF-ODE with its CFG scale.
+
+  ``source="online"`` solves the ODE inside each training batch (small runs, tests);
+  ``"files"`` reads the pair job's ArrayRecord shards from ``dir`` (default
+  ``WORKDIR/pairs``), running ``--mode=pairs`` first when they are missing.
+  """
+  base = dict(num_steps=25, sampler="ddim", spacing="trailing", source="online", dir="",
+              prompts_file="", num_pairs=1024, shard_size=256, batch_size=32, seed=0,
+              record_dtype="float32", cache_conditioning=True)
+  base.update(overrides)
+  return ConfigDict(base)
 
 
 def sample_settings(**overrides) -> ConfigDict:

@@ -3,9 +3,12 @@ r"""Entry point: ``python -m adm_jax.main --config=configs/<file>.py[:arg] --wor
 Modes:
   train   distil: the method in ``config.method`` through the one trainer
           (``adm_jax/train.py``), resuming from ``DIR/checkpoints`` if present.
+  pairs   the ODE-pair job (``config.pairs``): teacher PF-ODE with CFG -> ArrayRecord
+          shards in ``DIR/pairs`` (or ``config.pairs.dir``); resumable, idempotent.
   sample  load the converted teacher, run its PF-ODE sampler with CFG on
           ``config.sample.prompts`` and write ``DIR/samples.png`` (+ ``samples.npz``).
   check   validate the config and the teacher weights it names, print the model sizes.
+  pretrain  train ``config.pretrain.target`` (the digits VAE or teacher) and export it.
 
 Overrides: ``--config.a.b=value`` (the config is locked: unknown keys are an error that
 lists the valid ones; enumerated values are checked against their choices).
@@ -19,7 +22,7 @@ from ml_collections import config_flags
 
 from adm_jax import config_lib
 
-MODES = ("train", "sample", "check")
+MODES = ("train", "pairs", "sample", "check", "pretrain")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (and :arg).",
                                           lock_config=True)
@@ -37,12 +40,18 @@ def _main(argv):
   if _MODE.value == "train":
     from adm_jax import train
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "pairs":
+    from adm_jax import pairs
+    pairs.generate(config, _WORKDIR.value)
   elif _MODE.value == "check":
     from adm_jax import teacher
     teacher.describe(config)
   elif _MODE.value == "sample":
     from adm_jax import sampling
     sampling.run(config, _WORKDIR.value)
+  elif _MODE.value == "pretrain":
+    from adm_jax import pretrain
+    pretrain.run(config, _WORKDIR.value)
 
 
 def run(argv=None):

@@ -9,9 +9,10 @@ family; adding SD3 or CogVideoX is one more entry in :data:`PROBLEMS`.
 Batches are functions of the step (``batch(step, needs)``), so a resumed run sees the
 same data as an uninterrupted one. ``needs`` says what the method reads besides
 ``cond`` / ``uncond``: ``"pairs"`` (ODE pairs ``pair_noise`` / ``pair_latent``) and
-``"real"`` (``real`` latents with ``real_cond`` for DMD2's GAN). Until the ODE-pair job
-and datasets land, both are made online by the teacher's PF-ODE sampler (the teacher's
-samples stand in for real latents).
+``"real"`` (``real`` latents with ``real_cond`` for DMD2's GAN). Both come from the
+teacher's PF-ODE (its samples stand in for real latents): solved inside each batch with
+``pairs.source="online"``, or read from the pair job's shards (:mod:`adm_jax.pairs`)
+with ``"files"``; then the batch's prompts are the pairs' own.
 """
 from __future__ import annotations
 
@@ -66,10 +67,11 @@ def _step_key(config, step: int, salt: int = 7):
 # ------------------------------------------------------------------------------- toy
 
 
-def toy(config, mesh) -> Problem:
-  """The exact-score 2-D mixture (``family="toy"``): no weights, no pixels."""
+def toy(config, mesh, workdir=None) -> Problem:
+  """The exact-score 2-D mixture (``family="toy"``): no weights, no pixels; pairs are
+  always made online (the exact teacher is cheap)."""
   from adm_jax.models import toy as toy_lib
-  del mesh
+  del mesh, workdir
   mixture = toy_lib.ToyMixture.ring(**config.toy.mixture)
   param = teacher_lib.make_parameterization(config.teacher)
   student = toy_lib.init_denoiser(toy_lib.ToyConfig(**config.toy.student), config.seed)
@@ -150,19 +152,20 @@ def _pixel_encoder(pcfg, mesh):
   return apply, params
 
 
-def sdxl(config, mesh) -> Problem:
+def sdxl(config, mesh, workdir=None) -> Problem:
   """SDXL-family teacher (ε-prediction UNet, two CLIP encoders, VAE): prompts from
-  ``config.data.prompts``, encoded once; the students are copies of the teacher's
+  ``config.data.prompts``, encoded once (online pairs), or the pair job's prompts and
+  conditioning (``pairs.source="files"``); the students are copies of the teacher's
   UNet in float32."""
   shard = lambda abstract: sharding.infer_abstract_params(abstract, config.sharding_rules,
                                                           mesh)
   teacher = teacher_lib.load_teacher(config.teacher, shard=shard)
   param = teacher_lib.make_parameterization(config.teacher)
   apply = _unet_apply(teacher.denoiser.graphdef)
-  prompts = list(config.data.prompts)
-  if not prompts:
-    raise config_lib.ConfigError("config.data.prompts is empty")
-  all_cond = jax.device_get(teacher.encode_prompts(prompts))          # {k: [P, ...]}
+  if config.pairs.source == "files":
+    batch = _file_batches(config, workdir, teacher)
+  else:
+    batch = _online_batches(config, teacher, apply)
   vae = teacher.parts["vae"]
   frozen = {"teacher": teacher.denoiser.params, "decoder": vae.params}
 
@@ -173,26 +176,8 @@ def sdxl(config, mesh) -> Problem:
   if "pixel" in config.hparams.get("adp_weights", {"pixel": 1}) and config.method in (
       "adp", "dmdx"):
     pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh)
-  pairs = jax.jit(sampling.make_ode_sampler(
-      apply, param, config.pairs.num_steps, cfg_scale=config.teacher.guidance_scale,
-      sampler=config.pairs.sampler, spacing=config.pairs.spacing))
   # A float32 copy of the teacher for the students (f32 master weights).
   student_params = jax.tree.map(lambda a: a.astype(jnp.float32), teacher.denoiser.params)
-
-  def batch(step: int, needs=frozenset()) -> dict:
-    r = jax.random.split(_step_key(config, step), 4)
-    b = config.batch_size
-    idx = np.asarray(jax.random.randint(r[0], (b,), 0, len(prompts)))
-    cond = {k: v[idx] for k, v in all_cond.items()}
-    out = dict(cond=cond, uncond=conditioning.uncond_like(cond))
-    if needs & {"pairs", "real"}:
-      noise = jax.random.normal(r[1], (b, *teacher.latent_shape))
-      latent = pairs(frozen["teacher"], noise, cond, out["uncond"])
-      if "pairs" in needs:
-        out.update(pair_noise=noise, pair_latent=latent)
-      if "real" in needs:
-        out.update(real=latent, real_cond=cond)
-    return out
 
   def render(latents):
     images = jax.jit(decode)(frozen["decoder"], jnp.asarray(latents))
@@ -204,11 +189,69 @@ def sdxl(config, mesh) -> Problem:
                  batch=batch, decode=decode, pixel=pixel, render=render)
 
 
+def _online_batches(config, teacher, apply) -> Callable:
+  """Random prompts of ``config.data.prompts``; pairs / real latents solved per batch."""
+  prompts = list(config.data.prompts)
+  if not prompts:
+    raise config_lib.ConfigError("config.data.prompts is empty")
+  all_cond = jax.device_get(teacher.encode_prompts(prompts))          # {k: [P, ...]}
+  from adm_jax import pairs as pairs_lib
+  pairs = jax.jit(sampling.make_ode_sampler(
+      apply, pairs_lib.ode_parameterization(config), config.pairs.num_steps, cfg_scale=config.teacher.guidance_scale,
+      sampler=config.pairs.sampler, spacing=config.pairs.spacing))
+
+  def batch(step: int, needs=frozenset()) -> dict:
+    r = jax.random.split(_step_key(config, step), 4)
+    b = config.batch_size
+    idx = np.asarray(jax.random.randint(r[0], (b,), 0, len(prompts)))
+    cond = {k: v[idx] for k, v in all_cond.items()}
+    out = dict(cond=cond, uncond=conditioning.uncond_like(cond))
+    if needs & {"pairs", "real"}:
+      noise = jax.random.normal(r[1], (b, *teacher.latent_shape))
+      latent = pairs(teacher.denoiser.params, noise, cond, out["uncond"])
+      if "pairs" in needs:
+        out.update(pair_noise=noise, pair_latent=latent)
+      if "real" in needs:
+        out.update(real=latent, real_cond=cond)
+    return out
+  return batch
+
+
+def _file_batches(config, workdir, teacher) -> Callable:
+  """Batches from the pair job's shards: step ``s`` reads the reader's batch ``s``, and
+  its prompts (``cond``) are the pairs' own, so pair and conditioning always match."""
+  from adm_jax import pairs as pairs_lib
+  directory = pairs_lib.pairs_dir(config, workdir or ".")
+  reader = pairs_lib.PairReader(directory, config.batch_size // jax.process_count(),
+                                seed=config.seed)
+  if tuple(reader.spec["latent_shape"]) != tuple(teacher.latent_shape):
+    raise config_lib.ConfigError(
+        f"pairs at {directory} have latents {reader.spec['latent_shape']}, the teacher "
+        f"makes {list(teacher.latent_shape)}")
+  cond_of = pairs_lib.Conditioner(reader.prompts, teacher.encode_prompts,
+                                  directory / "conditioning")
+
+  def batch(step: int, needs=frozenset()) -> dict:
+    rec = reader[step]
+    cond = cond_of(rec["prompt_id"])
+    out = dict(cond=cond, uncond=conditioning.uncond_like(cond))
+    if "pairs" in needs:
+      out.update(pair_noise=rec["noise"], pair_latent=rec["latent"])
+    if "real" in needs:
+      out.update(real=rec["latent"], real_cond=cond)
+    return out
+  return batch
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {"toy": toy, "sdxl": sdxl}
 
 
-def make(config, mesh) -> Problem:
+def check_family(config) -> None:
   if config.family not in PROBLEMS:
     raise config_lib.ConfigError(f"training is not available for family "
                                  f"{config.family!r} yet; valid: {', '.join(PROBLEMS)}")
-  return PROBLEMS[config.family](config, mesh)
+
+
+def make(config, mesh, workdir: str | None = None) -> Problem:
+  check_family(config)
+  return PROBLEMS[config.family](config, mesh, workdir)

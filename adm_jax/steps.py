@@ -157,6 +157,20 @@ def _disc_logits(nets: Nets, backbone: Apply, backbone_params, disc_params, x_t,
   return nets.disc(disc_params, feats)
 
 
+def _interleave(a, b):
+  """``[B, ...]`` x2 -> ``[2B, ...]`` with rows a0, b0, a1, b1, ...: each device's rows of a
+  batch-sharded pair stay on that device (a plain concat would move half the batch)."""
+  return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def _real_and_fake(fn, real, fake):
+  """``(fn(*real), fn(*fake))`` from one call of ``fn`` on the interleaved batch: one
+  backbone pass over 2B samples instead of two over B (every network here treats samples
+  independently: GroupNorm, attention and the heads are per sample)."""
+  out = fn(*jax.tree.map(_interleave, real, fake))
+  return jax.tree.map(lambda z: z[0::2], out), jax.tree.map(lambda z: z[1::2], out)
+
+
 def _sample_t(rng, b, lo, hi):
   return S.sample_uniform_int(rng, b, lo, hi).astype(jnp.float32)
 
@@ -228,9 +242,9 @@ def _dmd2_d_loss(nets: Nets, fake_params, disc_params, x0_fake, batch, rng):
   t_f, t_r = _t_uniform(nets, r[0], x0_fake.shape[0]), _t_uniform(nets, r[1], b)
   xf = nets.param.add_noise(x0_fake, jax.random.normal(r[2], x0_fake.shape), t_f)
   xr = nets.param.add_noise(real, jax.random.normal(r[3], real.shape), t_r)
-  lf = _disc_logits(nets, nets.student, fake_params, disc_params, xf, t_f, batch["cond"])
-  lr = _disc_logits(nets, nets.student, fake_params, disc_params, xr, t_r,
-                    batch["real_cond"])
+  lr, lf = _real_and_fake(
+      lambda x, t, c: _disc_logits(nets, nets.student, fake_params, disc_params, x, t, c),
+      (xr, t_r, batch["real_cond"]), (xf, t_f, batch["cond"]))
   loss = d_fn(lr, lf)
   return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
                 "discriminator/fake_logit": lf.mean()}
@@ -342,10 +356,10 @@ def make_adm_discriminator_step(nets: Nets) -> Callable:
     t_next = t - _adm_dt(nets)
 
     def loss_fn(disc_params):
-      lr = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, real_next,
-                        t_next, cond)
-      lf = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, fake_next,
-                        t_next, cond)
+      lr, lf = _real_and_fake(
+          lambda x, t, c: _disc_logits(nets, nets.teacher, sg(frozen["teacher"]),
+                                       disc_params, x, t, c),
+          (real_next, t_next, cond), (fake_next, t_next, cond))
       loss = losses.hinge_d(lr, lf)
       return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
                     "discriminator/fake_logit": lf.mean()}
@@ -458,8 +472,9 @@ def make_adp_discriminator_step(nets: Nets) -> Callable:
     eps_r, eps_f = (jax.random.normal(k, x_t.shape) for k in r[2:])
 
     def loss_fn(disc_params):
-      real = _adp_logits(nets, frozen, disc_params, batch["pair_latent"], cond, t_d, eps_r)
-      fake = _adp_logits(nets, frozen, disc_params, x0_fake, cond, t_d, eps_f)
+      real, fake = _real_and_fake(
+          lambda x, c, t, e: _adp_logits(nets, frozen, disc_params, x, c, t, e),
+          (batch["pair_latent"], cond, t_d, eps_r), (x0_fake, cond, t_d, eps_f))
       loss = losses.weighted_hinge_d(real, fake, nets.hp["adp_weights"])
       metrics = {"discriminator/loss": loss}
       for k in real:

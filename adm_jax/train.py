@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from adm_jax import checkpoint, config_lib, metrics as metrics_lib, optim, problems, sharding
+from adm_jax import pairs as pairs_lib
 from adm_jax import state as state_lib
 from adm_jax import steps
 
@@ -256,7 +257,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
         f"{shards} batch shards (data x fsdp = {mesh.shape['data']} x "
         f"{mesh.shape['fsdp']}); change the batch size or config.mesh")
   all_stages = stages(config)
-  problem = problems.make(config, mesh)
+  problems.check_family(config)
+  if config.pairs.source == "files" and any(_needs(st.method, config) for st in all_stages):
+    _ensure_pairs(config, workdir)
+  problem = problems.make(config, mesh, workdir)
   ckptr = checkpoint.TrainCheckpointer(checkpoint.checkpoint_dir(workdir),
                                        max_to_keep=config.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir)
@@ -279,6 +283,17 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
     ckptr.close()
     writer.close()
   return state
+
+
+def _ensure_pairs(config, workdir) -> None:
+  """The pair job's shards, made first when missing or unfinished (``pairs.generate``
+  skips the chunks that are already written)."""
+  try:
+    if pairs_lib.read_index(pairs_lib.pairs_dir(config, workdir)).get("complete"):
+      return
+  except FileNotFoundError:
+    pass
+  pairs_lib.generate(config, workdir)
 
 
 def _meta(stage: Stage, step: int) -> dict:

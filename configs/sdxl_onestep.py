@@ -11,6 +11,12 @@ Distil (DMDX one-step; ``:method=dmd2,steps=4`` for DMD2's four-step student):
   python -m adm_jax.main --config=configs/sdxl_onestep.py --workdir=DIR \
       --config.disc.pixel.weights_dir=/path/to/sam-vit-huge
 
+ODE pairs (noise, teacher latent) for ADP / DMD2's real latents come from the pair job,
+which ``train`` runs first when ``DIR/pairs`` is missing (or run it alone; it resumes):
+
+  python -m adm_jax.main --config=configs/sdxl_onestep.py --workdir=DIR --mode=pairs \
+      --config.pairs.prompts_file=prompts.txt
+
 Sample from the converted teacher (25-step Euler, CFG 5) into DIR/samples.png:
 
   python -m adm_jax.main --config=configs/sdxl_onestep.py --workdir=DIR --mode=sample
@@ -49,6 +55,11 @@ def get_config(arg=None):
   c.data = config_lib.ConfigDict(dict(prompts=(
       "a photo of a cat", "a watercolor painting of a lighthouse",
       "an astronaut riding a horse", "a red sports car on a mountain road")))
+  # DMD2's pairs: Euler, trailing spacing, the teacher's CFG, 10K pairs
+  # (algorithms.md §1, generate_noise_image_pairs_laion_sdxl.py).
+  c.pairs = config_lib.pair_settings(num_steps=50, sampler="euler", spacing="trailing",
+                                     source="files", num_pairs=10_240, shard_size=1024,
+                                     batch_size=64)
   dmd2 = arg.method == "dmd2"
   c.disc = config_lib.ConfigDict(dict(
       # DMD2: its head on the fake score's mid block; ADM / ADP: heads on the teacher.
@@ -79,7 +90,7 @@ def get_config(arg=None):
     c.log_every = 2
     c.checkpoint_every = 2
     c.num_samples = 4
-    c.pairs.num_steps = 2
+    c.pairs.update(num_steps=2, num_pairs=8, shard_size=4, batch_size=2)
     c.disc.head_kw = dict(groups=8) if dmd2 else dict(hidden=16, groups=8)
     c.disc.pixel.weights_dir = "weights/tiny-sam"
     c.disc.pixel.layers = (1, 2)
