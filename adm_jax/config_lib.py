@@ -87,6 +87,44 @@ def sdxl_teacher(weights_dir: str = f"weights/{SDXL_BASE}") -> ConfigDict:
   ))
 
 
+DIGITS_TEACHER = "weights/digits-sdxl"
+
+
+def digits_teacher() -> ConfigDict:
+  """The embedded digits teacher (``weights/digits-sdxl``, diffusers format, committed;
+  trained by ``configs/digits_teacher.py``): converted once into ``WORKDIR/teacher``."""
+  c = sdxl_teacher(weights_dir="")
+  c.update(diffusers_dir=DIGITS_TEACHER, source_name="digits-sdxl", dtype="float32",
+           resolution=32, guidance_scale=3.0)
+  return c
+
+
+def digits_distillation(method: str, *, times, total_steps: int, batch_size: int
+                        ) -> ConfigDict:
+  """Everything the digits distillation configs share: the embedded teacher, ODE pairs
+  from its 25-step Euler sampler, the 10 prompts, evaluation by the shipped digit
+  classifier (FID vs held-out digits, alignment, diversity)."""
+  from adm_jax import digits
+  prompts = tuple(digits.prompts())
+  c = distillation(method, times=times, total_steps=total_steps, batch_size=batch_size)
+  c.family = "sdxl"
+  c.seed = 0
+  c.teacher = digits_teacher()
+  c.data = ConfigDict(dict(prompts=prompts))
+  c.pairs = pair_settings(num_steps=25, sampler="euler", spacing="trailing",
+                          source="files", num_pairs=2048, shard_size=512, batch_size=64,
+                          cache_conditioning=True)
+  c.eval = eval_settings(evaluator="digits", prompts=prompts, labels=tuple(range(10)),
+                         num_per_prompt=100, batch_size=200)
+  c.sample = sample_settings(prompts=prompts, num_per_prompt=8, guidance_scale=3.0)
+  c.mesh = mesh(data=-1)
+  c.sharding_rules = REPLICATE_RULES
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.num_samples = 20
+  return c
+
+
 def toy_teacher() -> ConfigDict:
   """The exact-score 2-D mixture: ε-prediction on SDXL's VP schedule, CFG 2."""
   return ConfigDict(dict(family="toy", parameterization="epsilon", num_train_timesteps=1000,
@@ -139,6 +177,7 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
                 adm_optim={}),
       hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
       pairs=pair_settings(),
+      eval=eval_settings(),
       log_every=100,
       checkpoint_every=1000,
       keep_checkpoints=2,
@@ -158,6 +197,17 @@ def pair_settings(**overrides) -> ConfigDict:
   base = dict(num_steps=25, sampler="ddim", spacing="trailing", source="online", dir="",
               prompts_file="", num_pairs=1024, shard_size=256, batch_size=32, seed=0,
               record_dtype="float32", cache_conditioning=True)
+  base.update(overrides)
+  return ConfigDict(base)
+
+
+def eval_settings(**overrides) -> ConfigDict:
+  """Evaluation of the student (``adm_jax/evaluation.py``) every ``every`` steps and at
+  the end of the run: ``num_per_prompt`` one-step samples of each of ``prompts``, scored
+  by ``evaluator`` against ``labels`` (the class each prompt asks for). ``evaluator=""``:
+  no evaluation."""
+  base = dict(evaluator="", prompts=(), labels=(), num_per_prompt=16, batch_size=64,
+              every=0, seed=0)
   base.update(overrides)
   return ConfigDict(base)
 

@@ -37,6 +37,9 @@ def _main(argv):
   config = config_lib.validate(_CONFIG.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if _MODE.value != "pretrain":              # a teacher shipped in diffusers format
+    from adm_jax import teacher as teacher_lib
+    teacher_lib.prepare(config, _WORKDIR.value)
   if _MODE.value == "train":
     from adm_jax import train
     train.train_and_evaluate(config, _WORKDIR.value)

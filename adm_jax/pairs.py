@@ -253,7 +253,7 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
   lb = gb // nproc
   bar = tqdm(total=len(todo) * pc.shard_size, unit="pair", disable=proc != 0,
              dynamic_ncols=True)
-  t0, made = time.perf_counter(), 0
+  t0, made, t_first, first = time.perf_counter(), 0, None, 0
   dtype = DTYPES[pc.record_dtype]
   for c in todo:
     final = directory / "shards" / shard_name(c, proc)
@@ -268,7 +268,10 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
         writer.write(encode_record(i, i % len(prompts), n.astype(dtype), l.astype(dtype)))
       made += gb
       bar.update(gb)
-      bar.set_postfix(pairs_s=f"{made / (time.perf_counter() - t0):.2f}")
+      if t_first is None:                         # the first batch includes compilation
+        t_first, first = time.perf_counter(), made
+      elif made > first:
+        bar.set_postfix(pairs_s=f"{(made - first) / (time.perf_counter() - t_first):.2f}")
     writer.close()
     os.replace(tmp, final)
     _barrier(f"pairs-chunk-{c}")
@@ -279,8 +282,10 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
     _update_index(directory, chunks, nproc)
   wall = time.perf_counter() - t0
   if made:
-    log(f"pairs: wrote {made} pairs in {wall:.1f} s ({made / wall:.2f} pairs/s) "
-        f"to {directory}")
+    rate = (f"{(made - first) / (time.perf_counter() - t_first):.2f} pairs/s after the "
+            f"first batch" if made > first else "one batch")
+    log(f"pairs: wrote {made} pairs in {wall:.1f} s ({rate}; first batch with "
+        f"compilation {t_first - t0:.1f} s) to {directory}")
   return directory
 
 

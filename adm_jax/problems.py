@@ -47,6 +47,9 @@ class Problem:
     decode: ``decode(frozen["decoder"], latents) -> images [B, H, W, 3]`` in [-1, 1].
     pixel: ``pixel(frozen["pixel"], images) -> {name: [B, h, w, c]}``.
     render: ``latents [N, ...] -> uint8 image`` of a sample grid (host side).
+    evaluator: scores images against labels (``adm_jax.evaluation``), or None.
+    eval_set: ``(cond {k: [N, ...]}, labels [N], prompt text by label)``: what the
+      evaluator samples.
   """
   param: Any
   teacher: Callable
@@ -58,6 +61,8 @@ class Problem:
   decode: Callable | None = None
   pixel: Callable | None = None
   render: Callable[[np.ndarray], np.ndarray] | None = None
+  evaluator: Any = None
+  eval_set: tuple | None = None
 
 
 def _step_key(config, step: int, salt: int = 7):
@@ -135,13 +140,22 @@ def _unet_apply(graphdef):
 
 def _pixel_encoder(pcfg, mesh):
   """ADP's frozen pixel encoder: ``(apply(params, images), params)``; SAM's ViT image
-  encoder read from a transformers ``SamModel`` / ``SamVisionModel`` folder."""
+  encoder read from a transformers ``SamModel`` / ``SamVisionModel`` folder, or, with
+  ``weights_dir=""``, a seeded random ViT of ``random_config`` (frozen random features,
+  for teachers that ship without a SAM, such as the embedded digits teacher)."""
   from adm_jax.convert import sam as sam_convert
   from adm_jax.models import sam
   if pcfg.encoder != "sam":
     raise config_lib.ConfigError(f"config.disc.pixel.encoder={pcfg.encoder!r}; valid: "
                                  "'sam' (or drop 'pixel' from hparams.adp_weights)")
-  cfg, graphdef, params = sam_convert.load(pcfg.weights_dir)
+  if pcfg.weights_dir:
+    cfg, graphdef, params = sam_convert.load(pcfg.weights_dir)
+  else:
+    if not pcfg.get("random_config"):
+      raise config_lib.ConfigError("config.disc.pixel: set weights_dir (a SAM folder) or "
+                                   "random_config")
+    cfg = sam.SamVisionConfig(**pcfg.random_config)
+    graphdef, params = nnx.split(sam.SamVisionEncoder(cfg, rngs=nnx.Rngs(pcfg.get("seed", 0))))
   params = jax.device_put(params, sharding.replicated(mesh))
   layers = tuple(int(i) for i in pcfg.layers)
 
@@ -184,9 +198,33 @@ def sdxl(config, mesh, workdir=None) -> Problem:
     images = np.asarray(jnp.clip((images + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
     return sampling.image_grid(images, rows=max(1, int(np.sqrt(len(images)))))
 
+  evaluator, eval_set = _evaluation(config, teacher)
   return Problem(param=param, teacher=apply, frozen=frozen, student=apply,
                  student_params=student_params, latent_shape=teacher.latent_shape,
-                 batch=batch, decode=decode, pixel=pixel, render=render)
+                 batch=batch, decode=decode, pixel=pixel, render=render,
+                 evaluator=evaluator, eval_set=eval_set)
+
+
+def _evaluation(config, teacher):
+  """``config.eval``'s evaluator and its prompts (each ``num_per_prompt`` times)."""
+  ec = config.get("eval")
+  if ec is None or not ec.evaluator:
+    return None, None
+  from adm_jax import evaluation
+  if len(ec.prompts) != len(ec.labels) or not ec.prompts:
+    raise config_lib.ConfigError(f"config.eval.prompts ({len(ec.prompts)}) and "
+                                 f"config.eval.labels ({len(ec.labels)}) must pair up")
+  n = len(ec.prompts) * ec.num_per_prompt
+  if n % ec.batch_size:
+    raise config_lib.ConfigError(f"config.eval: {n} samples do not split into batches of "
+                                 f"{ec.batch_size}")
+  cond = jax.device_get(teacher.encode_prompts(list(ec.prompts)))
+  rows = np.repeat(np.arange(len(ec.prompts)), ec.num_per_prompt)
+  cond = {k: v[rows] for k, v in cond.items()}
+  names = [""] * (max(ec.labels) + 1)                    # prompt text indexed by label
+  for label, prompt in zip(ec.labels, ec.prompts):
+    names[label] = prompt
+  return evaluation.make(ec.evaluator), (cond, np.asarray(ec.labels)[rows], names)
 
 
 def _online_batches(config, teacher, apply) -> Callable:

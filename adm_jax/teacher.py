@@ -86,6 +86,35 @@ def load_teacher(tcfg: config_lib.ConfigDict, *, components: Sequence[str] | Non
   return Teacher(fam, parts, tokenizers, tcfg)
 
 
+def prepare(config, workdir) -> None:
+  """A teacher that ships in diffusers format (``teacher.diffusers_dir``, e.g. the
+  embedded digits teacher) is converted once into ``teacher.weights_dir`` (default
+  ``WORKDIR/teacher``), to a temporary folder first and then renamed, so an interrupted
+  conversion is redone rather than half-read."""
+  import os
+  tc = config.teacher
+  src = tc.get("diffusers_dir")
+  if not src:
+    return
+  if not tc.weights_dir:
+    tc.weights_dir = str(Path(workdir) / "teacher")
+  dst = Path(tc.weights_dir)
+  if dst.is_dir():
+    return
+  if jax.process_index() == 0:
+    from adm_jax.convert.__main__ import convert_pipeline
+    tmp = dst.with_name(dst.name + ".converting")
+    if tmp.exists():
+      import shutil
+      shutil.rmtree(tmp)
+    convert_pipeline(tc.family, src, tmp, log=lambda *_: None)
+    os.replace(tmp, dst)
+    print(f"converted the teacher {src} -> {dst}", flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("teacher-prepare")
+
+
 def describe(config: config_lib.ConfigDict, log=print) -> dict[str, int]:
   """``--mode=check``: loads the teacher the config names and prints its sizes."""
   teacher = load_teacher(config.teacher)

@@ -282,7 +282,24 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
     ckptr.wait()
     ckptr.close()
     writer.close()
+  if problem.evaluator is not None and jax.process_index() == 0:
+    print_results(workdir)
   return state
+
+
+def print_results(workdir) -> str:
+  """The evaluation rows of ``workdir/eval/results.jsonl`` as a table (printed)."""
+  import json
+  from adm_jax import evaluation
+  path = Path(workdir) / "eval" / "results.jsonl"
+  if not path.is_file():
+    return ""
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  cols = ["step", "stage", "samples"] + [k for k in rows[-1] if k not in (
+      "step", "stage", "samples", "grid")]
+  table = evaluation.format_table(rows, cols)
+  print(f"\n{table}\nsample grid: {rows[-1]['grid']}", flush=True)
+  return table
 
 
 def _ensure_pairs(config, workdir) -> None:
@@ -341,10 +358,51 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
     if (config.sample_every and metrics_lib.itstime(done, config.sample_every, stage.end)
         or last and done == stage.end):
       write_samples(config, workdir, problem, sampler, state, done)
+    if problem.evaluator is not None and (
+        metrics_lib.itstime(done, config.eval.every, stage.end) if config.eval.every
+        else done == stage.end):
+      evaluate(config, workdir, problem, sampler, state, done, writer, stage=stage.method)
     if (metrics_lib.itstime(done, config.checkpoint_every, stage.end)
         and (last or done < stage.end)) or done == stop_at:
       ckptr.save(done, state, _meta(stage, done))
   return state
+
+
+def evaluate(config, workdir, problem, sampler, state, step: int, writer=None, *,
+             stage: str = "") -> dict[str, float]:
+  """Scores ``config.eval``'s samples of the generator (the EMA when there is one) with
+  ``problem.evaluator``: fixed noise, all student steps, decoded to images. Writes the
+  scores (``eval/...``) to the metric writer, ``workdir/eval/step_N.png`` (a grid
+  labelled by prompt) and ``workdir/eval/results.jsonl``; returns the scores."""
+  import json
+  from adm_jax import evaluation
+  ec = config.eval
+  cond, labels, prompts = problem.eval_set
+  params = state.generator_ema if state.generator_ema is not None else state.generator.params
+  decode = problem.__dict__.setdefault("_decode_jit", jax.jit(problem.decode))
+  key = jax.random.key(ec.seed + 23)
+  images = []
+  for s in range(0, len(labels), ec.batch_size):
+    c = {k: v[s:s + ec.batch_size] for k, v in cond.items()}
+    noise = jax.random.normal(jax.random.fold_in(key, s), (ec.batch_size, *problem.latent_shape))
+    images.append(np.asarray(decode(problem.frozen["decoder"], sampler(params, noise, c))))
+  images = np.concatenate(images)                                     # [N, H, W, 3]
+  scores = problem.evaluator.evaluate(images, labels)
+  out = Path(workdir) / "eval"
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    per = min(ec.num_per_prompt, 10)
+    keep = np.concatenate([np.flatnonzero(labels == l)[:per] for l in np.unique(labels)])
+    grid = evaluation.labelled_grid(images[keep], labels[keep], out / f"step_{step:07d}.png",
+                                    prompts=prompts)
+    with open(out / "results.jsonl", "a") as f:
+      f.write(json.dumps({"step": step, "stage": stage, "samples": len(labels),
+                          "grid": str(grid), **scores}) + "\n")
+    print(f"[eval] step {step} ({len(labels)} samples): " + "  ".join(
+        f"{k}={v:.4g}" for k, v in scores.items()) + f"  grid: {grid}", flush=True)
+  if writer is not None:
+    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+  return scores
 
 
 def make_sampler(nets: steps.Nets, seed: int = 0):

@@ -1,0 +1,144 @@
+r"""The embedded digits benchmark: one table, same evaluation for every row.
+
+  python benchmarks/digits_table.py [--seeds 0,1] [--workdir /tmp/digits_table]
+      [--rows teacher,regression,dmd2_1,dmd2_4,adp,adm,dmdx] [--json out.json]
+
+Rows: the teacher (Euler 25 and 50 steps with CFG; DDIM 1 / 2 / 4 steps as reference
+points), plain ODE-pair regression (MSE, one step: ADM's ablation A1), DMD2 one-step and
+four-step, ADP only, ADM without ADP, and DMDX. Every student row is the main job of
+``configs/digits_dmdx.py`` / ``configs/digits_dmd2.py`` (same teacher, pairs, batch and
+iteration budget) run once per seed; every row is scored on the same number of samples
+(``config.eval``: 100 per digit) by the shipped digit classifier: FID against the
+held-out digits, alignment (fraction classified as the prompted digit) and diversity
+(mean pairwise feature distance within a prompt). Means ± spread over the seeds, and
+the wall time of each run (pairs included the first time they are written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from adm_jax import config_lib, conditioning, evaluation, pairs, sampling, train
+from adm_jax import teacher as teacher_lib
+
+STUDENTS = {   # row -> (config file argument, label)
+    "regression": ("configs/digits_dmdx.py:method=regression",
+                   "ODE-pair regression (MSE, 1 step; ADM A1)"),
+    "dmd2_1": ("configs/digits_dmd2.py", "DMD2, 1 step"),
+    "dmd2_4": ("configs/digits_dmd2.py:steps=4", "DMD2, 4 steps"),
+    "adp": ("configs/digits_dmdx.py:method=adp", "ADP only (1 step)"),
+    "adm": ("configs/digits_dmdx.py:method=adm", "ADM without ADP (1 step)"),
+    "dmdx": ("configs/digits_dmdx.py", "DMDX: ADP then ADM (1 step)"),
+}
+TEACHER = (("euler", 25), ("euler", 50), ("ddim", 1), ("ddim", 2), ("ddim", 4))
+
+
+def teacher_rows(config, workdir: Path, seed: int) -> list[dict]:
+  """The teacher's own samples of the evaluation prompts, scored like the students."""
+  teacher_lib.prepare(config, workdir)
+  teacher = teacher_lib.load_teacher(config.teacher)
+  ec = config.eval
+  ev = evaluation.make(ec.evaluator)
+  rows_idx = np.repeat(np.arange(len(ec.prompts)), ec.num_per_prompt)
+  cond = jax.device_get(teacher.encode_prompts(list(ec.prompts)))
+  labels = np.asarray(ec.labels)[rows_idx]
+  vae = teacher.parts["vae"]
+  decode = jax.jit(lambda z: vae.module().decode(z))
+  out = []
+  for sampler, steps in TEACHER:
+    cfg = config.copy_and_resolve_references()
+    cfg.pairs.sampler = sampler
+    param = pairs.ode_parameterization(cfg)
+    sample = jax.jit(sampling.make_ode_sampler(
+        teacher.apply, param, steps, spacing="trailing", sampler=sampler,
+        cfg_scale=config.teacher.guidance_scale))
+    t0 = time.perf_counter()
+    images = []
+    key = jax.random.key(1000 + seed)
+    for s in range(0, len(labels), ec.batch_size):
+      c = {k: v[rows_idx[s:s + ec.batch_size]] for k, v in cond.items()}
+      noise = jax.random.normal(jax.random.fold_in(key, s),
+                                (len(rows_idx[s:s + ec.batch_size]), *teacher.latent_shape))
+      images.append(np.asarray(decode(sample(teacher.denoiser.params, noise, c,
+                                             conditioning.uncond_like(c)))))
+    scores = ev.evaluate(np.concatenate(images), labels)
+    out.append({"row": f"teacher, {sampler} {steps} step{'s' * (steps > 1)}, CFG "
+                       f"{config.teacher.guidance_scale:g}", "seed": seed,
+                "wall_s": time.perf_counter() - t0, **scores})
+  return out
+
+
+def student_row(name: str, workdir: Path, seed: int, pairs_dir: Path) -> dict:
+  arg, label = STUDENTS[name]
+  c = config_lib.load_config_file(arg)
+  c.seed = seed
+  c.pairs.dir = str(pairs_dir)          # one pair set for every row (written once)
+  c = config_lib.validate(c)
+  run_dir = workdir / f"{name}_seed{seed}"
+  t0 = time.perf_counter()
+  teacher_lib.prepare(c, workdir)
+  train.train_and_evaluate(c, str(run_dir))
+  wall = time.perf_counter() - t0
+  last = json.loads((run_dir / "eval" / "results.jsonl").read_text().splitlines()[-1])
+  return {"row": label, "seed": seed, "wall_s": wall,
+          **{k: last[k] for k in ("fid", "alignment", "diversity", "reference_diversity")},
+          "grid": last["grid"]}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+  """Mean and spread (max - min) / 2 over seeds, per row label, in first-seen order."""
+  out = {}
+  for r in rows:
+    out.setdefault(r["row"], []).append(r)
+  table = []
+  for label, rs in out.items():
+    row = {"row": label, "seeds": len(rs)}
+    for k in ("fid", "alignment", "diversity", "wall_s"):
+      v = np.array([r[k] for r in rs], float)
+      row[k] = f"{v.mean():.3g} ± {(v.max() - v.min()) / 2:.2g}" if len(v) > 1 \
+          else f"{v.mean():.3g}"
+    table.append(row)
+  return table
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--seeds", default="0,1")
+  ap.add_argument("--workdir", default="/tmp/digits_table")
+  ap.add_argument("--rows", default="teacher," + ",".join(STUDENTS))
+  ap.add_argument("--json", default="")
+  args = ap.parse_args(argv)
+  workdir = Path(args.workdir)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  names = args.rows.split(",")
+  unknown = set(names) - set(STUDENTS) - {"teacher"}
+  if unknown:
+    raise SystemExit(f"unknown rows {sorted(unknown)}; valid: teacher, {', '.join(STUDENTS)}")
+  base = config_lib.validate(config_lib.load_config_file("configs/digits_dmdx.py"))
+  rows = []
+  for seed in seeds:
+    if "teacher" in names:
+      rows += teacher_rows(base, workdir, seed)
+    for name in names:
+      if name != "teacher":
+        rows.append(student_row(name, workdir, seed, workdir / "pairs"))
+      print(json.dumps(rows[-1]), flush=True)
+  ref = rows[-1]["reference_diversity"]
+  print(f"\nDigits benchmark: {base.eval.num_per_prompt} samples per digit "
+        f"({base.eval.num_per_prompt * len(base.eval.prompts)} per row), FID on the shipped "
+        f"classifier's features vs the held-out digits; held-out diversity {ref:.3f}; "
+        f"seeds {seeds}; {jax.devices()[0].device_kind} x{jax.device_count()}")
+  print(evaluation.format_table(summarise(rows),
+                                ["row", "seeds", "fid", "alignment", "diversity", "wall_s"]))
+  if args.json:
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,57 @@
+r"""The embedded default: the digits teacher distilled into a one-step student with DMDX.
+
+Runs everything on a fresh machine, nothing downloaded: converts the committed teacher
+(``weights/digits-sdxl``, an SDXL-architecture pipeline the project trained on
+scikit-learn's digits), writes its ODE pairs, runs ADP (latent discriminator on the
+teacher's features + pixel discriminator on VAE-decoded images), then ADM from the ADP
+generator, evaluates the one-step student against held-out digits (FID on a shipped
+classifier's features, prompt alignment, diversity) and prints the table and the path
+of the sample grid:
+
+  python -m adm_jax.main --config=configs/digits_dmdx.py --workdir=DIR
+
+Arguments: ``method`` (dmdx | adp | adm | regression) to run one stage alone (the
+ablations of ``benchmarks/digits_table.py``), ``variant=tiny`` for a seconds-long smoke
+run (tests).
+"""
+from adm_jax import config_lib
+
+FEATURES = ("down_0", "down_1", "mid")     # the teacher UNet's levels the latent heads read
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, variant="full", method="dmdx")
+  if arg.method not in ("dmdx", "adp", "adm", "regression"):
+    raise config_lib.ConfigError(f"method={arg.method!r}: valid here: dmdx, adp, adm, "
+                                 "regression (DMD2: configs/digits_dmd2.py)")
+  c = config_lib.digits_distillation(arg.method, times=(999,), total_steps=1000,
+                                     batch_size=32)
+  c.dmdx.adp_steps = 600
+  c.disc = config_lib.ConfigDict(dict(
+      head="admhead2d", features=FEATURES, head_kw=dict(hidden=64, groups=8),
+      # No SAM ships with the digits teacher: a frozen, seeded random SAM ViT at the
+      # images' 32x32 (random features still separate real from fake images).
+      pixel=dict(encoder="sam", weights_dir="", seed=0, layers=(1, 2),
+                 random_config=dict(hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, image_size=32, patch_size=4,
+                                    window_size=4, global_attn_indexes=(1,),
+                                    output_channels=32, mlp_dim=128),
+                 head="admhead2d", head_kw=dict(hidden=32, groups=8))))
+  # The GAN alone collapses modes on the toy; the pair-regression term anchors ADP.
+  c.hparams = config_lib.ConfigDict(dict(adp_regression_weight=1.0))
+  c.optim = config_lib.ConfigDict(dict(
+      generator=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0),
+      fake_score=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0),
+      discriminator=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0)))
+  c.dmdx.adm_optim = {"generator": {"lr": 1e-5}}
+  if arg.method == "adm":
+    c.optim.generator.lr = 1e-5
+  if arg.variant == "tiny":
+    c.total_steps, c.dmdx.adp_steps, c.batch_size = 4, 2, 8
+    c.log_every = c.checkpoint_every = 2
+    c.pairs.update(num_pairs=16, shard_size=8, batch_size=8, num_steps=4)
+    c.eval.update(num_per_prompt=2, batch_size=20)
+    c.num_samples = 4
+  elif arg.variant != "full":
+    raise config_lib.ConfigError(f"unknown variant {arg.variant!r}; valid: full, tiny")
+  return c

@@ -1,0 +1,72 @@
+"""The main job on the embedded digits teacher, end to end through ``python -m
+adm_jax.main``: the committed diffusers teacher is converted into the workdir, its ODE
+pairs are written, ADP then ADM train, the student is evaluated by the shipped
+classifier, and the results table and the grid path are printed. Then a re-run resumes
+and writes nothing new."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adm_jax import config_lib
+from adm_jax import teacher as teacher_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main(*args, timeout=1200):
+  return subprocess.run([sys.executable, "-m", "adm_jax.main", *args],
+                        env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_digits_dmdx_main_job(tmp_path):
+  r = _main("--config=configs/digits_dmdx.py:tiny", f"--workdir={tmp_path}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  assert "converted the teacher" in out and "pairs: wrote 16 pairs" in out
+  assert "[adp]" in out and "[adm]" in out
+  rows = [json.loads(l) for l in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+  assert [row["stage"] for row in rows] == ["adp", "adm"]
+  for row in rows:
+    assert row["samples"] == 20 and 0.0 <= row["alignment"] <= 1.0 and row["fid"] > 0
+  grid = Path(rows[-1]["grid"])
+  assert grid.is_file() and f"sample grid: {grid}" in out
+  assert "| step | stage | samples | fid |" in out
+  assert (tmp_path / "teacher" / "unet").is_dir()
+  assert json.loads((tmp_path / "pairs" / "index.json").read_text())["complete"]
+  # Finished: a second start converts nothing, writes no pairs and trains no step.
+  again = _main("--config=configs/digits_dmdx.py:tiny", f"--workdir={tmp_path}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "converted the teacher" not in again.stdout and "pairs:" not in again.stdout
+  assert "[adm] step" not in again.stdout
+
+
+def test_prepare_converts_once_and_names_a_missing_teacher(tmp_path):
+  c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
+  teacher_lib.prepare(c, tmp_path)
+  assert c.teacher.weights_dir == str(tmp_path / "teacher")
+  unet = tmp_path / "teacher" / "unet"
+  stamp = unet.stat().st_mtime_ns
+  c2 = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
+  teacher_lib.prepare(c2, tmp_path)
+  assert unet.stat().st_mtime_ns == stamp
+  teacher = teacher_lib.load_teacher(c.teacher)
+  assert teacher.latent_shape[:2] == (8, 8)
+  c3 = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
+  c3.teacher.diffusers_dir = str(tmp_path / "no_such_teacher")
+  with pytest.raises(FileNotFoundError, match="no_such_teacher"):
+    teacher_lib.prepare(c3, tmp_path / "other")
+  assert not (tmp_path / "other" / "teacher").exists()
+
+
+def test_eval_config_is_checked(tmp_path):
+  from adm_jax import problems, sharding
+  c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
+  c.eval.labels = (0, 1)
+  teacher_lib.prepare(c, tmp_path)
+  with pytest.raises(config_lib.ConfigError, match="must pair up"):
+    problems._evaluation(c, teacher_lib.load_teacher(c.teacher))
