@@ -43,6 +43,7 @@ def _rows(workdir):
   return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow      # tests/test_digits_pipeline.py runs the same path in the default suite
 def test_dmdx_through_main(weights, tmp_path):
   sdxl, sam = weights
   r = subprocess.run(
