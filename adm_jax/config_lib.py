@@ -99,11 +99,14 @@ def digits_teacher() -> ConfigDict:
   return c
 
 
-def digits_distillation(method: str, *, times, total_steps: int, batch_size: int
-                        ) -> ConfigDict:
+def digits_distillation(method: str, *, times, total_steps: int, batch_size: int,
+                        variant: str = "full") -> ConfigDict:
   """Everything the digits distillation configs share: the embedded teacher, ODE pairs
   from its 25-step Euler sampler, the 10 prompts, evaluation by the shipped digit
-  classifier (FID vs held-out digits, alignment, diversity)."""
+  classifier (FID vs held-out digits, alignment, diversity), AdamW 1e-4 for every
+  network; ``variant="tiny"``: a seconds-long smoke run of the same job (tests)."""
+  if variant not in ("full", "tiny"):
+    raise ConfigError(f"unknown variant {variant!r}; valid: full, tiny")
   from adm_jax import digits
   prompts = tuple(digits.prompts())
   c = distillation(method, times=times, total_steps=total_steps, batch_size=batch_size)
@@ -119,9 +122,17 @@ def digits_distillation(method: str, *, times, total_steps: int, batch_size: int
   c.sample = sample_settings(prompts=prompts, num_per_prompt=8, guidance_scale=2.0)
   c.mesh = mesh(data=-1)
   c.sharding_rules = REPLICATE_RULES
+  c.optim = ConfigDict({net: adamw(1e-4, warmup_steps=50, weight_decay=0.0)
+                        for net in ("generator", "fake_score", "discriminator")})
   c.log_every = 50
   c.checkpoint_every = 500
   c.num_samples = 20
+  if variant == "tiny":
+    c.total_steps, c.batch_size = 4, 8
+    c.log_every = c.checkpoint_every = 2
+    c.pairs.update(num_pairs=16, shard_size=8, batch_size=8, num_steps=4)
+    c.eval.update(num_per_prompt=2, batch_size=20)
+    c.num_samples = 4
   return c
 
 

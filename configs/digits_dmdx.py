@@ -25,8 +25,8 @@ def get_config(arg=None):
     raise config_lib.ConfigError(f"method={arg.method!r}: valid here: dmdx, adp, adm, "
                                  "regression (DMD2: configs/digits_dmd2.py)")
   c = config_lib.digits_distillation(arg.method, times=(999,), total_steps=1000,
-                                     batch_size=32)
-  c.dmdx.adp_steps = 600
+                                     batch_size=32, variant=arg.variant)
+  c.dmdx.adp_steps = 600 if arg.variant == "full" else 2
   c.disc = config_lib.ConfigDict(dict(
       head="admhead2d", features=FEATURES, head_kw=dict(hidden=64, groups=8),
       # No SAM ships with the digits teacher: a frozen, seeded random SAM ViT at the
@@ -39,19 +39,7 @@ def get_config(arg=None):
                  head="admhead2d", head_kw=dict(hidden=32, groups=8))))
   # The GAN alone collapses modes on the toy; the pair-regression term anchors ADP.
   c.hparams = config_lib.ConfigDict(dict(adp_regression_weight=1.0))
-  c.optim = config_lib.ConfigDict(dict(
-      generator=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0),
-      fake_score=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0),
-      discriminator=config_lib.adamw(1e-4, warmup_steps=50, weight_decay=0.0)))
   c.dmdx.adm_optim = {"generator": {"lr": 1e-5}}
   if arg.method == "adm":
     c.optim.generator.lr = 1e-5
-  if arg.variant == "tiny":
-    c.total_steps, c.dmdx.adp_steps, c.batch_size = 4, 2, 8
-    c.log_every = c.checkpoint_every = 2
-    c.pairs.update(num_pairs=16, shard_size=8, batch_size=8, num_steps=4)
-    c.eval.update(num_per_prompt=2, batch_size=20)
-    c.num_samples = 4
-  elif arg.variant != "full":
-    raise config_lib.ConfigError(f"unknown variant {arg.variant!r}; valid: full, tiny")
   return c
