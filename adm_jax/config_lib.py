@@ -195,6 +195,8 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       resume="",                          # another run's checkpoint (see README)
       sample_every=0,                     # sample grid every N steps (0: at the end only)
       num_samples=16,
+      # XLA's persistent compilation cache (a restarted or preempted run skips compiling).
+      compilation_cache_dir="",
   ))
 
 

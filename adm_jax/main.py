@@ -8,7 +8,15 @@ Modes:
   sample  load the converted teacher, run its PF-ODE sampler with CFG on
           ``config.sample.prompts`` and write ``DIR/samples.png`` (+ ``samples.npz``).
   check   validate the config and the teacher weights it names, print the model sizes.
+  compile  build the whole state abstractly (no weights read), compile every step of
+          the method for ``config.compile.target`` (a TPU topology such as v5p-8, or
+          the CPU) and print memory per device and FLOPs per step (adm_jax/compile_check.py).
   pretrain  train ``config.pretrain.target`` (the digits VAE or teacher) and export it.
+
+Multi-process: on a multi-host TPU slice every worker runs the same command and JAX
+finds its peers itself; elsewhere pass ``--coordinator_address=host:port
+--num_processes=N --process_id=i`` (or ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
+/ ``JAX_PROCESS_ID``). SIGTERM makes every process save at one agreed step and exit 0.
 
 Overrides: ``--config.a.b=value`` (the config is locked: unknown keys are an error that
 lists the valid ones; enumerated values are checked against their choices).
@@ -22,12 +30,16 @@ from ml_collections import config_flags
 
 from adm_jax import config_lib
 
-MODES = ("train", "pairs", "sample", "check", "pretrain")
+MODES = ("train", "pairs", "sample", "check", "compile", "pretrain")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (and :arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs off TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _main(argv):
@@ -37,6 +49,15 @@ def _main(argv):
   config = config_lib.validate(_CONFIG.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if _MODE.value == "compile":               # no weights, no devices of the target here
+    from adm_jax import compile_check
+    compile_check.run(config)
+    return
+  from adm_jax import multihost
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if config.get("compilation_cache_dir"):
+    import jax
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   if _MODE.value != "pretrain":              # a teacher shipped in diffusers format
     from adm_jax import teacher as teacher_lib
     teacher_lib.prepare(config, _WORKDIR.value)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from adm_jax import config_lib, conditioning, sampling, sharding
+from adm_jax import config_lib, conditioning, multihost, sampling, sharding
 from adm_jax import teacher as teacher_lib
 
 FORMAT_VERSION = 1
@@ -238,14 +238,17 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
     _write_json(directory / PROMPTS, prompts)
     if pc.cache_conditioning and not (directory / "conditioning").is_dir():
       write_conditioning_cache(teacher.encode_prompts, prompts, directory / "conditioning")
-  _barrier("pairs-setup")
+  multihost.barrier("pairs-setup")
   for tmp in (directory / "shards").glob(f"*-p{proc:03d}.array_record.tmp"):
     tmp.unlink()                                    # a killed writer's partial shard
   cond_of = Conditioner(prompts, teacher.encode_prompts, directory / "conditioning")
 
   sample = make_pair_sampler(teacher.apply, param, config, teacher.latent_shape, mesh)
   chunks = pc.num_pairs // pc.shard_size
-  done = _agreed(_finished(directory, chunks, nproc), chunks)
+  # Chunks every process sees as finished (a shared file system may lag).
+  finished = _finished(directory, chunks, nproc)
+  agreed = multihost.all_agree([c in finished for c in range(chunks)])
+  done = {int(c) for c in np.flatnonzero(agreed)}
   todo = [c for c in range(chunks) if c not in done]
   log(f"pairs: {len(done)}/{chunks} chunks already in {directory}; {len(todo)} to write "
       f"({pc.num_steps} {pc.sampler} steps, CFG {config.teacher.guidance_scale}, "
@@ -274,7 +277,7 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
         bar.set_postfix(pairs_s=f"{(made - first) / (time.perf_counter() - t_first):.2f}")
     writer.close()
     os.replace(tmp, final)
-    _barrier(f"pairs-chunk-{c}")
+    multihost.barrier(f"pairs-chunk-{c}")
     if proc == 0:
       _update_index(directory, chunks, nproc)
   bar.close()
@@ -331,22 +334,6 @@ def _update_index(directory: Path, chunks: int, nproc: int) -> None:
   _write_json(directory / INDEX, {"format": FORMAT_VERSION, "chunks": chunks,
                                   "complete": len(done) == chunks,
                                   "num_records": sum(shards.values()), "shards": shards})
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def _agreed(done: set[int], chunks: int) -> set[int]:
-  """Chunks every process sees as finished (a shared file system may lag)."""
-  if jax.process_count() == 1:
-    return done
-  from jax.experimental import multihost_utils
-  mask = np.array([c in done for c in range(chunks)], np.int32)
-  every = multihost_utils.process_allgather(mask).min(axis=0)
-  return {c for c in range(chunks) if every[c]}
 
 
 # ------------------------------------------------------------------------- reader

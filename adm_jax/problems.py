@@ -50,6 +50,9 @@ class Problem:
     evaluator: scores images against labels (``adm_jax.evaluation``), or None.
     eval_set: ``(cond {k: [N, ...]}, labels [N], prompt text by label)``: what the
       evaluator samples.
+    batch_per_process: ``batch`` returns this process's rows only (``batch_size /
+      process_count`` of them, e.g. from the pair files); otherwise it returns the
+      whole batch, the same on every process, and each process keeps its slice.
   """
   param: Any
   teacher: Callable
@@ -63,6 +66,7 @@ class Problem:
   render: Callable[[np.ndarray], np.ndarray] | None = None
   evaluator: Any = None
   eval_set: tuple | None = None
+  batch_per_process: bool = False
 
 
 def _step_key(config, step: int, salt: int = 7):
@@ -202,7 +206,8 @@ def sdxl(config, mesh, workdir=None) -> Problem:
   return Problem(param=param, teacher=apply, frozen=frozen, student=apply,
                  student_params=student_params, latent_shape=teacher.latent_shape,
                  batch=batch, decode=decode, pixel=pixel, render=render,
-                 evaluator=evaluator, eval_set=eval_set)
+                 evaluator=evaluator, eval_set=eval_set,
+                 batch_per_process=config.pairs.source == "files")
 
 
 def _evaluation(config, teacher):

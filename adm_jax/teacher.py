@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adm_jax import config_lib, conditioning, models, tree
+from adm_jax import config_lib, conditioning, models, multihost, tree
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -110,9 +110,7 @@ def prepare(config, workdir) -> None:
     convert_pipeline(tc.family, src, tmp, log=lambda *_: None)
     os.replace(tmp, dst)
     print(f"converted the teacher {src} -> {dst}", flush=True)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("teacher-prepare")
+  multihost.barrier("teacher-prepare")
 
 
 def describe(config: config_lib.ConfigDict, log=print) -> dict[str, int]:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adm_jax import checkpoint, config_lib, metrics as metrics_lib, optim, problems, sharding
+from adm_jax import checkpoint, config_lib, metrics as metrics_lib, multihost, optim, problems
+from adm_jax import sharding
 from adm_jax import pairs as pairs_lib
 from adm_jax import state as state_lib
 from adm_jax import steps
@@ -265,7 +266,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
                                        max_to_keep=config.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir)
   state, start, current = _initial_state(config, workdir, ckptr, problem, mesh, all_stages)
+  guard = multihost.PreemptionGuard()
   try:
+    guard.__enter__()
     for i in range(stage_at(all_stages, start), len(all_stages)):
       stage = all_stages[i]
       b = build(config, mesh, problem, stage.method)
@@ -274,14 +277,21 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
         ckptr.save(stage.start, state, _meta(stage, stage.start), force=True)
       state = _run_stage(config, workdir, problem, mesh, b, stage, state,
                          max(start, stage.start), ckptr, writer,
-                         last=i == len(all_stages) - 1, stop_at=stop_at)
+                         last=i == len(all_stages) - 1, stop_at=stop_at, guard=guard)
       current = i
-      if stop_at <= stage.end:
+      if stop_at <= stage.end or guard.step is not None:
         break
   finally:
+    guard.__exit__()
     ckptr.wait()
     ckptr.close()
     writer.close()
+  if guard.step is not None:
+    if jax.process_index() == 0:
+      print(f"preempted (SIGTERM): checkpoint {guard.step} saved in "
+            f"{checkpoint.checkpoint_dir(workdir)}; the same command resumes from it",
+            flush=True)
+    return state
   if problem.evaluator is not None and jax.process_index() == 0:
     print_results(workdir)
   return state
@@ -317,11 +327,26 @@ def _meta(stage: Stage, step: int) -> dict:
   return {"stage": stage.method, "data_step": step}
 
 
+def global_batch(problem, step: int, needs, mesh, batch_size: int) -> dict:
+  """Batch ``step`` as global arrays split over the mesh's batch axes. Each process
+  contributes its own rows: the problem's per-process batch (pair files), or its slice
+  of a batch every process computes alike (online batches)."""
+  local = problem.batch(step, needs)
+  n = jax.process_count()
+  if n > 1 and not problem.batch_per_process:
+    rows, p = batch_size // n, jax.process_index()
+    local = jax.tree.map(lambda a: a[p * rows:(p + 1) * rows]
+                         if np.ndim(a) and np.shape(a)[0] == batch_size else a, local)
+  return sharding.make_global_batch(jax.device_get(local), mesh)
+
+
 def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, start,
-               ckptr, writer, *, last: bool, stop_at: int):
+               ckptr, writer, *, last: bool, stop_at: int,
+               guard: multihost.PreemptionGuard | None = None):
   """Steps ``start .. stage.end - 1`` of one stage (or up to ``stop_at``). A stage that
   hands over to another does not checkpoint its last step: the hand-over checkpoint at
-  that step does, unless the run stops there."""
+  that step does, unless the run stops there. When ``guard`` reports a preemption, the
+  step reached is checkpointed and the stage returns early (``guard.step`` is set)."""
   end = min(stage.end, stop_at)
   jitted, batch_sh, frozen_sh = _jit_plan(b, problem, mesh)
   frozen = jax.device_put(problem.frozen, frozen_sh)
@@ -335,7 +360,7 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
   sampler = make_sampler(b.nets)
   history, last_log = [], start
   for step in range(start, end):
-    batch = jax.device_put(problem.batch(step, b.needs), batch_sh)
+    batch = global_batch(problem, step, b.needs, mesh, config.batch_size)
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     for i, (name, fn, every) in enumerate(jitted):
       if step % every == 0:
@@ -362,9 +387,12 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
         metrics_lib.itstime(done, config.eval.every, stage.end) if config.eval.every
         else done == stage.end):
       evaluate(config, workdir, problem, sampler, state, done, writer, stage=stage.method)
+    preempted = guard is not None and guard.reached(done)
     if (metrics_lib.itstime(done, config.checkpoint_every, stage.end)
-        and (last or done < stage.end)) or done == stop_at:
+        and (last or done < stage.end)) or done == stop_at or preempted:
       ckptr.save(done, state, _meta(stage, done))
+    if preempted:
+      break
   return state
 
 

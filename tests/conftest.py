@@ -3,6 +3,9 @@ import os
 
 # Must happen before the first JAX operation anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# libtpu (the test extra installs it for the TPU compile checks) must not try to drive
+# a TPU here: its compiler is reached through jax.experimental.topologies alone.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
