@@ -22,6 +22,8 @@ Conditioning = dict[str, Array]
 # Entries that the "force_zeros_for_empty_prompt" unconditional branch zeroes; everything
 # else (SDXL's time_ids) is shared between the two branches, as in diffusers.
 TEXT_KEYS = ("context", "pooled")
+# Tokens per prompt of the CLIP text encoders (``model_max_length``).
+MAX_LENGTH = 77
 
 
 def load_tokenizer(path: str | Path):

@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple] = {
     "family": ("sdxl", "toy"),
     "method": ("dmd2", "adm", "adp", "dmdx", "regression"),
     "teacher.dtype": ("float32", "bfloat16"),
+    "teacher.param_dtype": ("float32", "bfloat16"),
     "teacher.parameterization": ("epsilon", "v_prediction", "flow"),
     "sample.sampler": ("ddim", "euler"),
     "sample.spacing": ("trailing", "leading", "linspace"),
@@ -32,6 +33,11 @@ CHOICES: dict[str, tuple] = {
     "hparams.gan_loss": ("nonsaturating", "hinge"),
     "hparams.regression": ("mse", "pseudo_huber"),
     "disc.head": ("admhead2d", "dmd2"),
+    # adm_jax.models.layers.REMAT_POLICIES (a test keeps the two equal).
+    **{f"remat.{net}": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                        "everything_saveable")
+       for net in ("generator", "fake_score", "teacher")},
+    "compile.target_kind": ("auto", "tpu", "cpu"),
 }
 
 CONVERT_HINT = ("python -m adm_jax.convert --family={family} "
@@ -77,6 +83,7 @@ def sdxl_teacher(weights_dir: str = f"weights/{SDXL_BASE}") -> ConfigDict:
       weights_dir=weights_dir,           # written by `python -m adm_jax.convert`
       source_name=SDXL_BASE,             # only used in the convert hint
       dtype="bfloat16",                  # compute dtype of the frozen teacher
+      param_dtype="float32",             # its storage (bfloat16: half the memory)
       parameterization="epsilon",
       num_train_timesteps=1000,
       beta_start=0.00085,
@@ -162,6 +169,20 @@ FSDP_RULES = ((".*", "fsdp(min_size_mb=1)"),)
 REPLICATE_RULES = ((".*", "replicate"),)
 
 
+def rules_for(config, net: str):
+  """The parameter sharding rules of network ``net`` (``generator`` | ``fake_score`` |
+  ``discriminator`` | ``teacher``): ``config.sharding_rules`` is one rule list for every
+  network, or ``{net: rules}`` (e.g. the frozen teacher replicated, the trained nets
+  FSDP; optimiser states follow their parameters)."""
+  rules = config.sharding_rules
+  if isinstance(rules, (dict, ConfigDict)):
+    if net not in rules:
+      raise ConfigError(f"config.sharding_rules has no entry for {net!r} (has "
+                        f"{', '.join(sorted(rules))})")
+    return tuple(rules[net])
+  return rules
+
+
 def distillation(method: str, *, times: Sequence[float], total_steps: int,
                  batch_size: int, adp_fraction: float = 0.5) -> ConfigDict:
   """Keys every training config shares (the trainer reads exactly these).
@@ -197,6 +218,17 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       num_samples=16,
       # XLA's persistent compilation cache (a restarted or preempted run skips compiling).
       compilation_cache_dir="",
+      # Memory levers. Activation rematerialisation of each UNet-like network's resnet
+      # and transformer blocks (none | full | dots_saveable | ...); the teacher's counts
+      # where gradients flow through it (ADM / ADP discriminator features).
+      remat=dict(generator="none", fake_score="none", teacher="none"),
+      # Each stack of identical transformer blocks as one lax.scan (faster compiles).
+      scan_blocks=False,
+      # --mode=compile (adm_jax/compile_check.py): the target to compile for (local: this
+      # run's devices; a Cloud TPU slice such as v5p-8 / v5p-64 / v5e-16 / v6e-8,
+      # compiled here by libtpu; cpu-N fake devices), the global batch (0: batch_size)
+      # and an iteration time for the implied MFU (0: none).
+      compile=dict(target="local", target_kind="auto", batch_size=0, step_time_s=0.0),
   ))
 
 

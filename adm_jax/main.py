@@ -49,15 +49,21 @@ def _main(argv):
   config = config_lib.validate(_CONFIG.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  if _MODE.value == "compile":               # no weights, no devices of the target here
-    from adm_jax import compile_check
+  from adm_jax import multihost
+  if _MODE.value == "compile" and "compile" not in config:
+    raise config_lib.ConfigError("--mode=compile needs a training config (config.compile)")
+  if _MODE.value == "compile" and config.compile.target != "local":
+    from adm_jax import compile_check        # another machine's topology: this host alone
     compile_check.run(config)
     return
-  from adm_jax import multihost
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if config.get("compilation_cache_dir"):
     import jax
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  if _MODE.value == "compile":                # this run's own devices (every host)
+    from adm_jax import compile_check
+    compile_check.run(config, log=print if jax_process_zero() else (lambda *_: None))
+    return
   if _MODE.value != "pretrain":              # a teacher shipped in diffusers format
     from adm_jax import teacher as teacher_lib
     teacher_lib.prepare(config, _WORKDIR.value)
@@ -76,6 +82,11 @@ def _main(argv):
   elif _MODE.value == "pretrain":
     from adm_jax import pretrain
     pretrain.run(config, _WORKDIR.value)
+
+
+def jax_process_zero() -> bool:
+  import jax
+  return jax.process_index() == 0
 
 
 def run(argv=None):

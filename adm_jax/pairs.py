@@ -227,7 +227,8 @@ def generate(config, workdir: str | Path, *, log=print) -> Path:
         f"{nproc} processes; shard_size {pc.shard_size} must be a multiple of it and "
         f"num_pairs {pc.num_pairs} a multiple of shard_size")
   teacher = teacher_lib.load_teacher(config.teacher, shard=lambda abstract: (
-      sharding.infer_abstract_params(abstract, config.sharding_rules, mesh)))
+      sharding.infer_abstract_params(abstract, config_lib.rules_for(config, "teacher"),
+                                     mesh)))
   param = ode_parameterization(config)
   prompts = config_prompts(config)
   spec = make_spec(config, teacher.latent_shape, len(prompts))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -40,7 +42,7 @@ class Problem:
     teacher: ``apply(params, x_t, model_time, cond, *, return_features=False)``.
     frozen: ``{"teacher": params}`` plus ``"decoder"`` / ``"pixel"`` for ADP's pixel
       discriminator; never checkpointed, never trained.
-    student: apply function of the generator and the fake score.
+    student: apply function of the generator (and of the fake score without ``fake``).
     student_params: their initial parameters.
     latent_shape: one sample's latent shape, e.g. ``(128, 128, 4)``.
     batch: ``(step, needs) -> host batch dict``, deterministic in ``step``.
@@ -67,6 +69,7 @@ class Problem:
   evaluator: Any = None
   eval_set: tuple | None = None
   batch_per_process: bool = False
+  fake: Callable | None = None
 
 
 def _step_key(config, step: int, salt: int = 7):
@@ -135,24 +138,51 @@ def _scatter_png(mixture, samples: np.ndarray, size: int = 256) -> np.ndarray:
 # ------------------------------------------------------------------------------ SDXL
 
 
-def _unet_apply(graphdef):
+def _unet_apply(graphdef, remat: str = "none", scan: bool = False):
+  """``apply(params, x_t, model_time, cond)`` of a UNet, its blocks rematerialised with
+  policy ``remat``, its transformer stacks scanned with ``scan``."""
   def apply(params, x_t, model_time, cond, *, return_features: bool = False):
-    return nnx.merge(graphdef, params)(x_t, model_time, cond,
-                                       return_features=return_features)
+    model = nnx.merge(graphdef, params)
+    if remat != "none":
+      model.set_remat(remat)
+    if scan:
+      model.set_scan(True)
+    return model(x_t, model_time, cond, return_features=return_features)
   return apply
 
 
-def _pixel_encoder(pcfg, mesh):
+def _remat(config, net: str) -> str:
+  return config.get("remat", {}).get(net, "none")
+
+
+def _memory_apply(config, graphdef, net: str):
+  return _unet_apply(graphdef, _remat(config, net), bool(config.get("scan_blocks", False)))
+
+
+def _pixel_encoder(pcfg, mesh, abstract: bool = False):
   """ADP's frozen pixel encoder: ``(apply(params, images), params)``; SAM's ViT image
   encoder read from a transformers ``SamModel`` / ``SamVisionModel`` folder, or, with
   ``weights_dir=""``, a seeded random ViT of ``random_config`` (frozen random features,
-  for teachers that ship without a SAM, such as the embedded digits teacher)."""
+  for teachers that ship without a SAM, such as the embedded digits teacher).
+  ``abstract``: parameter shapes only (the folder's ``config.json``, else
+  ``random_config``, else ViT-H)."""
   from adm_jax.convert import sam as sam_convert
   from adm_jax.models import sam
   if pcfg.encoder != "sam":
     raise config_lib.ConfigError(f"config.disc.pixel.encoder={pcfg.encoder!r}; valid: "
                                  "'sam' (or drop 'pixel' from hparams.adp_weights)")
-  if pcfg.weights_dir:
+  if abstract:
+    folder = Path(pcfg.weights_dir or "/nonexistent")
+    if (folder / "config.json").exists():
+      cfg = sam.SamVisionConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    elif pcfg.get("random_config"):
+      cfg = sam.SamVisionConfig(**pcfg.random_config)
+    else:
+      cfg = sam.PRESETS["vit_h"]
+    graphdef, params = sam_convert.abstract_model(cfg)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=sharding.replicated(mesh)), params)
+  elif pcfg.weights_dir:
     cfg, graphdef, params = sam_convert.load(pcfg.weights_dir)
   else:
     if not pcfg.get("random_config"):
@@ -160,7 +190,8 @@ def _pixel_encoder(pcfg, mesh):
                                    "random_config")
     cfg = sam.SamVisionConfig(**pcfg.random_config)
     graphdef, params = nnx.split(sam.SamVisionEncoder(cfg, rngs=nnx.Rngs(pcfg.get("seed", 0))))
-  params = jax.device_put(params, sharding.replicated(mesh))
+  if not abstract:
+    params = jax.device_put(params, sharding.replicated(mesh))
   layers = tuple(int(i) for i in pcfg.layers)
 
   def apply(p, images):                                    # images [B, H, W, 3] in [-1, 1]
@@ -170,17 +201,23 @@ def _pixel_encoder(pcfg, mesh):
   return apply, params
 
 
-def sdxl(config, mesh, workdir=None) -> Problem:
+def sdxl(config, mesh, workdir=None, *, abstract: bool = False) -> Problem:
   """SDXL-family teacher (ε-prediction UNet, two CLIP encoders, VAE): prompts from
   ``config.data.prompts``, encoded once (online pairs), or the pair job's prompts and
   conditioning (``pairs.source="files"``); the students are copies of the teacher's
-  UNet in float32."""
-  shard = lambda abstract: sharding.infer_abstract_params(abstract, config.sharding_rules,
-                                                          mesh)
-  teacher = teacher_lib.load_teacher(config.teacher, shard=shard)
+  UNet in float32. ``abstract``: every parameter and batch a ``jax.ShapeDtypeStruct``
+  (sharded as in a real run), no weights read (the compile check)."""
+  shard = lambda abstract: sharding.infer_abstract_params(
+      abstract, config_lib.rules_for(config, "teacher"), mesh)
+  if abstract:
+    teacher = teacher_lib.abstract_teacher(config.teacher, shard=shard)
+  else:
+    teacher = teacher_lib.load_teacher(config.teacher, shard=shard)
   param = teacher_lib.make_parameterization(config.teacher)
   apply = _unet_apply(teacher.denoiser.graphdef)
-  if config.pairs.source == "files":
+  if abstract:
+    batch = _abstract_batches(config, teacher)
+  elif config.pairs.source == "files":
     batch = _file_batches(config, workdir, teacher)
   else:
     batch = _online_batches(config, teacher, apply)
@@ -193,17 +230,22 @@ def sdxl(config, mesh, workdir=None) -> Problem:
   pixel = None
   if "pixel" in config.hparams.get("adp_weights", {"pixel": 1}) and config.method in (
       "adp", "dmdx"):
-    pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh)
+    pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh, abstract)
   # A float32 copy of the teacher for the students (f32 master weights).
-  student_params = jax.tree.map(lambda a: a.astype(jnp.float32), teacher.denoiser.params)
+  student_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding) if abstract
+      else a.astype(jnp.float32), teacher.denoiser.params)
 
   def render(latents):
     images = jax.jit(decode)(frozen["decoder"], jnp.asarray(latents))
     images = np.asarray(jnp.clip((images + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
     return sampling.image_grid(images, rows=max(1, int(np.sqrt(len(images)))))
 
-  evaluator, eval_set = _evaluation(config, teacher)
-  return Problem(param=param, teacher=apply, frozen=frozen, student=apply,
+  evaluator, eval_set = (None, None) if abstract else _evaluation(config, teacher)
+  graphdef = teacher.denoiser.graphdef
+  return Problem(param=param, teacher=_memory_apply(config, graphdef, "teacher"),
+                 frozen=frozen, student=_memory_apply(config, graphdef, "generator"),
+                 fake=_memory_apply(config, graphdef, "fake_score"),
                  student_params=student_params, latent_shape=teacher.latent_shape,
                  batch=batch, decode=decode, pixel=pixel, render=render,
                  evaluator=evaluator, eval_set=eval_set,
@@ -260,6 +302,29 @@ def _online_batches(config, teacher, apply) -> Callable:
   return batch
 
 
+def _abstract_batches(config, teacher) -> Callable:
+  """Batches of ``jax.ShapeDtypeStruct`` (global batch ``config.compile.batch_size`` or
+  ``config.batch_size``): SDXL conditioning shapes from the UNet's architecture."""
+  unet = teacher.denoiser.config
+  b = config.get("compile", {}).get("batch_size", 0) or config.batch_size
+  f32 = lambda *shape: jax.ShapeDtypeStruct((b, *shape), jnp.float32)
+  cond = {"context": f32(conditioning.MAX_LENGTH, unet.cross_attention_dim)}
+  if unet.addition_embed_type == "text_time":
+    cond["pooled"] = f32(unet.projection_class_embeddings_input_dim
+                         - 6 * unet.addition_time_embed_dim)
+    cond["time_ids"] = f32(6)
+
+  def batch(step: int, needs=frozenset()) -> dict:
+    del step
+    out = dict(cond=cond, uncond=dict(cond))
+    if "pairs" in needs:
+      out.update(pair_noise=f32(*teacher.latent_shape), pair_latent=f32(*teacher.latent_shape))
+    if "real" in needs:
+      out.update(real=f32(*teacher.latent_shape), real_cond=cond)
+    return out
+  return batch
+
+
 def _file_batches(config, workdir, teacher) -> Callable:
   """Batches from the pair job's shards: step ``s`` reads the reader's batch ``s``, and
   its prompts (``cond``) are the pairs' own, so pair and conditioning always match."""
@@ -287,6 +352,7 @@ def _file_batches(config, workdir, teacher) -> Callable:
 
 
 PROBLEMS: dict[str, Callable[..., Problem]] = {"toy": toy, "sdxl": sdxl}
+ABSTRACT = ("sdxl",)          # families whose builder takes ``abstract=True``
 
 
 def check_family(config) -> None:
@@ -295,6 +361,11 @@ def check_family(config) -> None:
                                  f"{config.family!r} yet; valid: {', '.join(PROBLEMS)}")
 
 
-def make(config, mesh, workdir: str | None = None) -> Problem:
+def make(config, mesh, workdir: str | None = None, *, abstract: bool = False) -> Problem:
   check_family(config)
+  if abstract:
+    if config.family not in ABSTRACT:
+      raise config_lib.ConfigError(f"family {config.family!r} has no abstract build (the "
+                                   f"compile check); valid: {', '.join(ABSTRACT)}")
+    return PROBLEMS[config.family](config, mesh, workdir, abstract=True)
   return PROBLEMS[config.family](config, mesh, workdir)

@@ -73,7 +73,8 @@ def run(config: config_lib.ConfigDict, workdir: str) -> Path:
   sc = config.sample
   mesh = sharding.make_mesh(config.mesh)
   teacher = teacher_lib.load_teacher(config.teacher, shard=lambda abstract: (
-      sharding.infer_abstract_params(abstract, config.sharding_rules, mesh)))
+      sharding.infer_abstract_params(abstract, config_lib.rules_for(config, "teacher"),
+                                     mesh)))
   param = teacher_lib.make_parameterization(config.teacher,
                                             set_alpha_to_one=sc.sampler == "euler")
   prompts = [p for p in sc.prompts for _ in range(sc.num_per_prompt)]

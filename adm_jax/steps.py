@@ -41,8 +41,9 @@ class Nets:
   Attributes:
     param: the teacher's parameterisation; the students share it.
     teacher: apply function of the frozen teacher (also the ADM discriminator backbone).
-    student: apply function of the generator and the fake score (the teacher's
-      architecture for real families; a small MLP for the exact-score toy).
+    student: apply function of the generator (and of the fake score unless ``fake``
+      is given): the teacher's architecture for real families; a small MLP for the
+      exact-score toy.
     disc: ``disc(params, features) -> logits [B]``: discriminator heads.
     txs: ``{"generator" | "fake_score" | "discriminator": optax transform}``.
     latent_shape: one sample's latent shape, e.g. ``(128, 128, 4)``.
@@ -55,6 +56,8 @@ class Nets:
     pixel: ``pixel(frozen["pixel"], images) -> {name: [B, h, w, c]}``: the frozen
       pixel-space encoder (SAM).
     pixel_disc: ``pixel_disc(params, features) -> logits [B]``: heads on ``pixel``.
+    fake: apply function of the fake score when it differs from ``student`` (the same
+      architecture with another memory policy, e.g. rematerialisation).
   """
   param: P.Parameterization
   teacher: Apply
@@ -68,17 +71,29 @@ class Nets:
   decode: Apply | None = None
   pixel: Apply | None = None
   pixel_disc: Apply | None = None
+  fake: Apply | None = None
+
+  @property
+  def fake_apply(self) -> Apply:
+    return self.fake if self.fake is not None else self.student
 
 
 def default_hparams(**overrides) -> dict:
   """Official DMD2 values; ADM's Δt = T/64; ADP's λ1 / λ2 = 0.85 / 0.15 (algorithms.md
   §1.1–1.2, §2.1). ``adp_weights`` without ``"pixel"`` turns the pixel branch off;
-  ``adp_regression_weight`` > 0 adds the (unconfirmed) velocity-MSE term to ADP."""
+  ``adp_regression_weight`` > 0 adds the (unconfirmed) velocity-MSE term to ADP, in the
+  teacher's output space (``adp_regression_space="target"``: the velocity on flow
+  teachers) or on the x0 prediction (``"x0"``: on an ε teacher the ε-MSE weights x0
+  errors by the SNR, ~0.005 at the one-step t = 999, so it hardly anchors the
+  one-step output)."""
   hp = dict(dm_t_min=20, dm_t_max=980, gan_weight_g=5e-3, gan_weight_d=1e-2,
             gan_loss="nonsaturating", gan_feature="mid", adm_dt_fraction=1 / 64,
             regression="mse", dm_weight=1.0, adp_weights=dict(losses.ADP_DISC_WEIGHTS),
-            adp_regression_weight=0.0)
+            adp_regression_weight=0.0, adp_regression_space="target")
   hp.update(overrides)
+  if hp["adp_regression_space"] not in ("target", "x0"):
+    raise ValueError(f"adp_regression_space {hp['adp_regression_space']!r}: valid: "
+                     "'target', 'x0'")
   hp["adp_weights"] = {k: float(v) for k, v in dict(hp["adp_weights"]).items()}
   unknown = set(hp["adp_weights"]) - {"latent", "pixel"}
   if unknown or not hp["adp_weights"]:
@@ -199,7 +214,7 @@ def make_fake_score_step(nets: Nets, *, gan: bool = False) -> Callable:
     eps = jax.random.normal(r[4], x0.shape)
 
     def loss_fn(fake_params, disc_params):
-      loss = losses.fake_score_loss(nets.student, fake_params, x0, eps, t, cond, nets.param)
+      loss = losses.fake_score_loss(nets.fake_apply, fake_params, x0, eps, t, cond, nets.param)
       metrics = {"fake_score/loss": loss}
       if gan:
         d_loss, m = _dmd2_d_loss(nets, fake_params, disc_params, x0, batch, r[5])
@@ -243,7 +258,7 @@ def _dmd2_d_loss(nets: Nets, fake_params, disc_params, x0_fake, batch, rng):
   xf = nets.param.add_noise(x0_fake, jax.random.normal(r[2], x0_fake.shape), t_f)
   xr = nets.param.add_noise(real, jax.random.normal(r[3], real.shape), t_r)
   lr, lf = _real_and_fake(
-      lambda x, t, c: _disc_logits(nets, nets.student, fake_params, disc_params, x, t, c),
+      lambda x, t, c: _disc_logits(nets, nets.fake_apply, fake_params, disc_params, x, t, c),
       (xr, t_r, batch["real_cond"]), (xf, t_f, batch["cond"]))
   loss = d_fn(lr, lf)
   return loss, {"discriminator/loss": loss, "discriminator/real_logit": lr.mean(),
@@ -275,7 +290,7 @@ def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
       x_t = sg(nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t))
       x0_real = P.predict_x0(nets.teacher, sg(frozen["teacher"]), x_t, t, cond, uncond,
                              nets.cfg_scale, param=nets.param)
-      x0_fake = _x0(nets, nets.student, fake_params, x_t, t, cond)
+      x0_fake = _x0(nets, nets.fake_apply, fake_params, x_t, t, cond)
       l_dm, aux = losses.dm_loss(x0, x0_real, x0_fake)
       loss = hp["dm_weight"] * l_dm
       metrics = {"generator/dm_loss": l_dm, **{f"generator/{k_}": v for k_, v in aux.items()}}
@@ -283,7 +298,7 @@ def make_dmd2_generator_step(nets: Nets, *, gan: bool = True) -> Callable:
         _, g_fn = losses.GAN_LOSSES[hp["gan_loss"]]
         t_g = _t_uniform(nets, r[5], b)
         x_g = nets.param.add_noise(x0, jax.random.normal(r[6], x0.shape), t_g)
-        l_g = g_fn(_disc_logits(nets, nets.student, fake_params, disc_params, x_g, t_g,
+        l_g = g_fn(_disc_logits(nets, nets.fake_apply, fake_params, disc_params, x_g, t_g,
                                 cond))
         loss = loss + hp["gan_weight_g"] * l_g
         metrics["generator/gan_loss"] = l_g
@@ -329,7 +344,7 @@ def make_adm_generator_step(nets: Nets) -> Callable:
       x0 = generate(nets, gen_params, noise, cond, k, r[2])
       t = _adm_t(nets, r[3], x0.shape[0])
       x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
-      fake_next = _adm_next(nets, nets.student, fake_params, x_t, t, cond)
+      fake_next = _adm_next(nets, nets.fake_apply, fake_params, x_t, t, cond)
       logits = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]), disc_params, fake_next,
                             t - _adm_dt(nets), cond)
       loss = losses.hinge_g(logits)
@@ -352,7 +367,7 @@ def make_adm_discriminator_step(nets: Nets) -> Callable:
     x_t = nets.param.add_noise(x0, jax.random.normal(r[4], x0.shape), t)
     real_next = sg(_adm_next(nets, nets.teacher, frozen["teacher"], x_t, t, cond, uncond,
                              nets.cfg_scale))
-    fake_next = sg(_adm_next(nets, nets.student, state.fake_score.params, x_t, t, cond))
+    fake_next = sg(_adm_next(nets, nets.fake_apply, state.fake_score.params, x_t, t, cond))
     t_next = t - _adm_dt(nets)
 
     def loss_fn(disc_params):
@@ -427,7 +442,8 @@ def make_adp_generator_step(nets: Nets) -> Callable:
   """ADP generator update (algorithms.md §2.1): from the pair interpolated at a cubic
   time, predict x̃_0; ``L_G = -E[λ1 D_τ1(x̃_t', t') + λ2 D_τ2(x̃_0)]`` with t' uniform
   (hinge generator loss), plus ``adp_regression_weight`` × the MSE to the pair's
-  target in the teacher's parameterisation (the velocity on flow teachers)."""
+  target in the teacher's parameterisation (the velocity on flow teachers), or on the
+  x0 prediction with ``adp_regression_space="x0"``."""
   hp = nets.hp
 
   def step(state: DistillState, frozen, batch, rng):
@@ -446,8 +462,11 @@ def make_adp_generator_step(nets: Nets) -> Callable:
       metrics = {"generator/adp_gan_loss": loss,
                  **{f"generator/{k}_fake_logit": v.mean() for k, v in logits.items()}}
       if hp["adp_regression_weight"]:
-        target = nets.param.target(batch["pair_latent"], batch["pair_noise"], t)
-        l_reg = losses.regression_loss(out, target, hp["regression"])
+        if hp["adp_regression_space"] == "x0":
+          l_reg = losses.regression_loss(x0, batch["pair_latent"], hp["regression"])
+        else:
+          target = nets.param.target(batch["pair_latent"], batch["pair_noise"], t)
+          l_reg = losses.regression_loss(out, target, hp["regression"])
         loss = loss + hp["adp_regression_weight"] * l_reg
         metrics["generator/regression_loss"] = l_reg
       metrics["generator/loss"] = loss

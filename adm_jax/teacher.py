@@ -77,13 +77,59 @@ def load_teacher(tcfg: config_lib.ConfigDict, *, components: Sequence[str] | Non
   paths = config_lib.teacher_paths(tcfg, names)
   parts = {}
   for name in names:
-    dtype = DTYPES[tcfg.dtype] if name == fam.denoiser else jnp.float32
-    parts[name] = Part(*models.load_component(paths[name], dtype=dtype, shard=shard))
+    dtype, param_dtype = _dtypes(tcfg, fam, name)
+    parts[name] = Part(*models.load_component(paths[name], dtype=dtype,
+                                              param_dtype=param_dtype, shard=shard))
   tokenizers = {}
   if components is None:
     tok_paths = config_lib.teacher_paths(tcfg, fam.tokenizers)
     tokenizers = {t: conditioning.load_tokenizer(p) for t, p in tok_paths.items()}
   return Teacher(fam, parts, tokenizers, tcfg)
+
+
+def _dtypes(tcfg, fam: models.Family, name: str):
+  """(compute, storage) dtypes of component ``name``: the denoiser's from the config
+  (``teacher.dtype``, ``teacher.param_dtype``; bfloat16 storage halves the frozen
+  teacher's memory), float32 for the others."""
+  if name != fam.denoiser:
+    return jnp.float32, jnp.float32
+  return DTYPES[tcfg.dtype], DTYPES[tcfg.get("param_dtype", "float32")]
+
+
+def architecture(tcfg: config_lib.ConfigDict, name: str) -> tuple[Any, str]:
+  """``(config, where it came from)`` of component ``name`` without reading weights:
+  the converted folder's metadata, else the diffusers folder's ``config.json``
+  (``teacher.diffusers_dir``), else the family's reference release."""
+  import json
+  from adm_jax import checkpoint
+  fam = models.family(tcfg.family)
+  kind = models.KINDS[fam.components[name]]
+  converted = Path(tcfg.weights_dir or "/nonexistent") / name
+  if (converted / checkpoint.META).exists():
+    return kind.config_from(checkpoint.read_meta(converted)["config"]), str(converted)
+  source = Path(tcfg.get("diffusers_dir") or "/nonexistent") / name / "config.json"
+  if source.exists():
+    return kind.config_from(json.loads(source.read_text())), str(source)
+  if fam.reference is None or name not in fam.reference():
+    raise FileNotFoundError(f"no architecture for {tcfg.family} component {name!r}: "
+                            f"neither {converted} nor {source} exists")
+  return fam.reference()[name], f"{fam.reference_name} (reference architecture)"
+
+
+def abstract_teacher(tcfg: config_lib.ConfigDict, *, shard: Callable[[Any], Any] | None = None,
+                     log=print) -> Teacher:
+  """The teacher's denoiser and VAE with ``jax.ShapeDtypeStruct`` parameters (sharded by
+  ``shard``): shapes and dtypes of a real load, no weights read (the compile check)."""
+  fam = models.family(tcfg.family)
+  parts = {}
+  for name in (fam.denoiser, "vae"):
+    cfg, where = architecture(tcfg, name)
+    dtype, param_dtype = _dtypes(tcfg, fam, name)
+    graphdef, abstract = models.KINDS[fam.components[name]].module().abstract_model(
+        cfg, dtype=dtype, param_dtype=param_dtype)
+    parts[name] = Part(cfg, graphdef, shard(abstract) if shard else abstract)
+    log(f"{name}: architecture from {where}")
+  return Teacher(fam, parts, {}, tcfg)
 
 
 def prepare(config, workdir) -> None:

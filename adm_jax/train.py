@@ -205,7 +205,8 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
                     disc=disc, txs=txs, latent_shape=problem.latent_shape,
                     gen_times=tuple(float(t) for t in config.student.times),
                     cfg_scale=config.teacher.guidance_scale, hp=hp,
-                    decode=problem.decode, pixel=problem.pixel, pixel_disc=pixel_disc)
+                    decode=problem.decode, pixel=problem.pixel, pixel_disc=pixel_disc,
+                    fake=problem.fake)
   # Parameters are arguments of the (jitted) initialiser, not closed-over constants: a
   # closure would embed every weight in the compiled program.
   init = functools.partial(state_lib.init_state, txs=txs, ema=config.ema_decay > 0,
@@ -213,7 +214,7 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
   init_args = (problem.student_params,
                problem.student_params if "fake_score" in used else None, disc_params)
   abstract = jax.eval_shape(init, *init_args)
-  rules = {n: config.sharding_rules for n in state_lib.NETWORKS}
+  rules = {n: config_lib.rules_for(config, n) for n in state_lib.NETWORKS}
   shardings = state_lib.state_shardings(abstract, rules, mesh)
   return Built(nets, init, init_args, abstract, shardings, method_plan(method, config, nets),
                needs, example)

@@ -9,8 +9,8 @@
 #   --name N         TPU name (required)
 #   --config CFG     config, relative to the checkout: configs/<name>.py[:variant] (required)
 #   --workdir WD     run directory shared by all workers, normally gs://BUCKET/RUN (required)
-#   --mode MODE      adm_jax.main mode (default train). Run --mode compile first: it
-#                    compiles the step for the slice and prints per-device HBM use
+#   --mode MODE      adm_jax.main mode (default train). --mode compile compiles every
+#                    step for the slice's own chips and prints per-device HBM use
 #   --repo-dir DIR   checkout made by setup_tpu.sh (default ~/adm_jax)
 #   --python PY      interpreter on the VMs (default python3; as given to setup_tpu.sh)
 #   --dry-run        print the gcloud command ("+ " first, pasteable), run nothing

@@ -54,6 +54,22 @@ class Family:
   denoiser: str                         # the component that is distilled
   tokenizers: tuple[str, ...]
   parameterization: str                 # adm_jax.parameterization registry name
+  # () -> {component: architecture config} of the family's reference release, used by
+  # the compile check when no weights folder gives the architecture.
+  reference: Callable[[], dict] | None = None
+  reference_name: str = ""
+
+
+def _sdxl_base() -> dict:
+  """SDXL base 1.0's UNet (2.6 B parameters) and VAE architectures."""
+  from adm_jax.models.unet import UNetConfig
+  from adm_jax.models.vae import AutoencoderKLConfig
+  return {"unet": UNetConfig(),
+          "vae": AutoencoderKLConfig(down_block_types=("DownEncoderBlock2D",) * 4,
+                                     up_block_types=("UpDecoderBlock2D",) * 4,
+                                     block_out_channels=(128, 256, 512, 512),
+                                     layers_per_block=2, sample_size=1024,
+                                     scaling_factor=0.13025)}
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,7 +79,8 @@ FAMILIES: dict[str, Family] = {
                     "text_encoder_2": "clip_text"},
         denoiser="unet",
         tokenizers=("tokenizer", "tokenizer_2"),
-        parameterization="epsilon"),
+        parameterization="epsilon",
+        reference=_sdxl_base, reference_name="stable-diffusion-xl-base-1.0"),
     # The exact-score 2-D mixture: its teacher has no weights (adm_jax.models.toy); the
     # component is the MLP used for the generator and the fake score.
     "toy": Family(name="toy", components={"denoiser": "toy_mlp"}, denoiser="denoiser",

@@ -155,3 +155,37 @@ def upsample_nearest_2x(x: Array) -> Array:
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
   return x.reshape(b, 2 * h, 2 * w, c)
+
+
+# Activation rematerialisation (a memory lever, ``config.remat``): a block whose ``remat``
+# attribute names a policy recomputes its activations in the backward pass instead of
+# keeping them, except what the policy saves.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+  """``jax.checkpoint`` policy for ``name`` (``"full"``: save nothing, recompute all;
+  ``"none"``: ``None``, no rematerialisation)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
+  if name == "none":
+    return None
+  return jax.checkpoint_policies.nothing_saveable if name == "full" else getattr(
+      jax.checkpoint_policies, name)
+
+
+def call_maybe_remat(module: nnx.Module, forward, *args):
+  """``forward(module, *args)``, under ``nnx.remat`` when ``module.remat`` is a policy."""
+  name = getattr(module, "remat", "none")
+  if name == "none":
+    return forward(module, *args)
+  return nnx.remat(forward, policy=remat_policy(name))(module, *args)
+
+
+def set_remat(model: nnx.Module, kinds: tuple[type, ...], name: str) -> None:
+  """Sets the remat policy of every submodule of ``model`` that is one of ``kinds``."""
+  remat_policy(name)                                     # validates the name
+  for _, m in model.iter_modules():
+    if isinstance(m, kinds):
+      m.remat = name

@@ -209,7 +209,12 @@ class ResnetBlock2D(nnx.Module):
     self.conv2 = ctx.conv(cout, cout, 3)
     self.conv_shortcut = ctx.conv(cin, cout, 1) if cin != cout else None
 
+  remat = "none"            # a policy of layers.REMAT_POLICIES (set per network)
+
   def __call__(self, x: Array, temb: Array) -> Array:    # x [B, H, W, Cin], temb [B, E]
+    return L.call_maybe_remat(self, type(self)._forward, x, temb)
+
+  def _forward(self, x: Array, temb: Array) -> Array:
     h = self.conv1(jax.nn.silu(self.norm1(x)))
     h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
     h = self.conv2(jax.nn.silu(self.norm2(h)))
@@ -270,14 +275,35 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = L.LayerNorm(dim, **kw)
     self.ff = FeedForward(ctx, dim)
 
+  remat = "none"
+
   def __call__(self, x: Array, context: Array) -> Array:  # x [B, L, D]
+    return L.call_maybe_remat(self, type(self)._forward, x, context)
+
+  def _forward(self, x: Array, context: Array) -> Array:
     x = x + self.attn1(self.norm1(x))
     x = x + self.attn2(self.norm2(x), context)
     return x + self.ff(self.norm3(x))
 
 
+def _scan_blocks(blocks: list, y: Array, context: Array) -> Array:
+  """``y`` through identical ``blocks`` as one ``lax.scan`` over their stacked
+  parameters (one compiled body instead of ``len(blocks)``; the stack is a transient
+  copy of those parameters, the stored layout is unchanged)."""
+  graphdef, first = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first,
+                         *[nnx.split(blk)[1] for blk in blocks[1:]])
+
+  def body(y, state):
+    return nnx.merge(graphdef, state)(y, context), None
+  return jax.lax.scan(body, y, stacked)[0]
+
+
 class Transformer2DModel(nnx.Module):
-  """diffusers ``Transformer2DModel`` on continuous inputs."""
+  """diffusers ``Transformer2DModel`` on continuous inputs. With ``scan`` set (a
+  compile-time lever), a stack of transformer blocks runs as one ``lax.scan``."""
+
+  scan = False
 
   def __init__(self, ctx: _Ctx, channels: int, heads: int, depth: int):
     self.linear = ctx.cfg.use_linear_projection
@@ -293,8 +319,11 @@ class Transformer2DModel(nnx.Module):
     b, h, w, c = x.shape
     y = self.norm(x)
     y = self.proj_in(y.reshape(b, h * w, c) if self.linear else y).reshape(b, h * w, c)
-    for block in self.transformer_blocks:
-      y = block(y, context)                                # [B, HW, C]
+    if self.scan and len(self.transformer_blocks) > 1:
+      y = _scan_blocks(list(self.transformer_blocks), y, context)
+    else:
+      for block in self.transformer_blocks:
+        y = block(y, context)                              # [B, HW, C]
     y = self.proj_out(y if self.linear else y.reshape(b, h, w, c))
     return x + y.reshape(b, h, w, c)
 
@@ -404,6 +433,18 @@ class UNet2DConditionModel(nnx.Module):
     self.up_blocks = nnx.List([UpBlock(ctx, i) for i in range(len(config.block_out_channels))])
     self.conv_norm_out = ctx.norm(c0)
     self.conv_out = ctx.conv(c0, config.out_channels, 3)
+
+  def set_scan(self, scan: bool = True) -> None:
+    """Run each stack of transformer blocks as a ``lax.scan`` (faster compiles, the
+    same numbers; SDXL's 10-deep stacks compile once instead of ten times)."""
+    for _, m in self.iter_modules():
+      if isinstance(m, Transformer2DModel):
+        m.scan = bool(scan)
+
+  def set_remat(self, policy: str) -> None:
+    """Rematerialise every resnet and transformer block with ``policy`` (a name of
+    :data:`adm_jax.models.layers.REMAT_POLICIES`; ``"none"`` keeps all activations)."""
+    L.set_remat(self, (ResnetBlock2D, BasicTransformerBlock), policy)
 
   def embed_time(self, t: Array, cond: Mapping[str, Array]) -> Array:
     """Timestep (+ text_time) embedding ``[B, time_embed_dim]``.

@@ -1,0 +1,123 @@
+r"""Does the full-size SDXL distillation fit a TPU slice? Per-device HBM and FLOPs.
+
+  python benchmarks/compile_memory.py [--targets v5p-8,v5p-64] [--batches 32,64,128] \
+      [--methods dmdx,dmd2_4] [--remat none] [--teacher_param_dtype float32] [--scan 1]
+      [--json out.json]
+
+For each method (``dmdx``: DMDX one-step, ADP then ADM; ``dmd2_4``: DMD2 four-step with
+backward simulation) of ``configs/sdxl_onestep.py`` (SDXL base 1.0 UNet as teacher,
+generator and fake score, discriminator heads, SAM ViT-H pixel encoder for ADP, every
+Adam state; bf16 teacher compute) every step function is compiled by the TPU compiler
+for the target's topology (``pip install -e ".[tpu]"``; no weights are read, nothing
+runs) with all parameters and optimiser states FSDP-sharded over every chip and the
+batch over the same axis. One row per (method, target, batch): the peak per device
+(the largest step function: arguments + outputs + temporaries + code, state donated),
+its share of HBM, whether it fits, and FLOPs per iteration per device (every step once;
+DMD2's backward-simulation loop body counts once). Then, per method and target, the
+largest batch of those tried that fits under 80 % of HBM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")        # libtpu compiles; nothing runs here
+
+from adm_jax import compile_check, config_lib  # noqa: E402
+
+METHODS = {"dmdx": ("configs/sdxl_onestep.py", "DMDX one-step (ADP + ADM)"),
+           "dmd2_4": ("configs/sdxl_onestep.py:method=dmd2,steps=4",
+                      "DMD2 four-step (backward simulation)")}
+
+
+def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: str,
+               scan: bool):
+  c = config_lib.load_config_file(str(ROOT / METHODS[method][0]))
+  config_lib.override(c, {"compile.target": target, "compile.batch_size": batch,
+                          "compile.target_kind": "tpu",
+                          "mesh": (("data", 1), ("fsdp", -1), ("tensor", 1)),
+                          "sharding_rules": config_lib.FSDP_RULES,
+                          "teacher.weights_dir": "/nonexistent",    # reference architecture
+                          "disc.pixel.weights_dir": "",
+                          "teacher.param_dtype": teacher_dtype,
+                          "scan_blocks": scan})
+  c.disc.pixel.random_config = None
+  for net in ("generator", "fake_score", "teacher"):
+    c.remat[net] = remat
+  return config_lib.validate(c)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--targets", default="v5p-8,v5p-64")
+  ap.add_argument("--batches", default="32,64,128")
+  ap.add_argument("--methods", default="dmdx,dmd2_4")
+  ap.add_argument("--remat", default="none")
+  ap.add_argument("--teacher_param_dtype", default="float32",
+                  help="storage of the frozen teacher (bfloat16 halves it)")
+  ap.add_argument("--scan", type=int, default=1,
+                  help="transformer stacks as lax.scan (config.scan_blocks; faster compiles)")
+  ap.add_argument("--json", default="")
+  args = ap.parse_args()
+  out, quiet = [], lambda *_: None
+  for method in args.methods.split(","):
+    for target_name in args.targets.split(","):
+      for batch in map(int, args.batches.split(",")):
+        config = config_for(method, target_name, batch, args.remat,
+                            args.teacher_param_dtype, bool(args.scan))
+        target = compile_check.resolve_target(target_name, "tpu")
+        t0 = time.perf_counter()
+        rows = compile_check.compile_steps(config, target, log=quiet)
+        s = compile_check.summary(rows, target)
+        out.append({"method": method, "target": target_name, "batch": batch,
+                    "devices": len(target.devices), "remat": args.remat,
+                    "scan": bool(args.scan), "teacher_param_dtype": args.teacher_param_dtype,
+                    "compile_s": time.perf_counter() - t0, "hbm": target.hbm_bytes, **s,
+                    "steps": rows})
+        print(_row(out[-1]), flush=True)
+        for r in rows:
+          print(f"    {r['stage']}/{r['step']}: " + (r.get("error") or (
+              f"total {r['total_bytes'] / 2**30:.1f} GiB (state {r['state_bytes'] / 2**30:.1f}"
+              f", frozen {r['frozen_bytes'] / 2**30:.1f}, temporaries {r['temp'] / 2**30:.1f})"
+              f", {r['flops'] / 1e12:.1f} TFLOP")), flush=True)
+        if args.json:
+          Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+  print()
+  print(table(out))
+
+
+def _row(r) -> str:
+  peak = "out of HBM" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+  share = ("> 100 %" if r["peak_bytes"] is None else
+           f"{100 * r['peak_bytes'] / r['hbm']:.0f} %")
+  return (f"| {METHODS[r['method']][1]} | {r['target']} ({r['devices']} chips) | "
+          f"{r['batch']} | {peak} | {share} | {'yes' if r['fits'] else 'no'} | "
+          f"{r['iteration_flops'] / 1e12:.1f} | {r['compile_s']:.0f} |")
+
+
+def table(rows) -> str:
+  lines = ["| method | target | global batch | peak HBM per chip | of HBM | fits | "
+           "TFLOP per iteration per chip | compile s |", "|---|---|---|---|---|---|---|---|"]
+  lines += [_row(r) for r in rows]
+  best = {}
+  for r in rows:
+    ok = r["peak_bytes"] is not None and r["peak_bytes"] < 0.8 * r["hbm"]
+    key = (r["method"], r["target"])
+    best.setdefault(key, None)
+    if ok and (best[key] is None or r["batch"] > best[key]):
+      best[key] = r["batch"]
+  lines.append("")
+  for (method, target), b in best.items():
+    lines.append(f"{METHODS[method][1]} on {target}: largest batch tried under 80 % of "
+                 f"HBM: {b if b is not None else 'none'}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
