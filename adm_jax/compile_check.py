@@ -184,9 +184,10 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
       log(f"compiling {stage.method}/{name} for {target.name} ...")
       row = {"stage": stage.method, "step": name, "every": every,
              **{f"{k}_bytes": shard_bytes(v) for k, v in
-                (("state", state), ("frozen", frozen), ("batch", batch))}}
+                (("state", state), ("frozen", frozen), ("batch", batch))},
+             "state_bytes_unsharded": shard_bytes(state, sharded=False)}
       try:
-        compiled = jitted.lower(state, frozen, batch, rng).compile()
+        compiled = _compile(jitted.lower(state, frozen, batch, rng), target)
       except Exception as e:                                  # noqa: BLE001
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
@@ -201,11 +202,25 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
   return rows
 
 
-def shard_bytes(tree) -> int:
-  """Bytes of ``tree``'s largest per-device shard set (leaves with shardings)."""
+def _compile(lowered, target: Target):
+  """``lowered.compile()``; a foreign target's executables stay out of the persistent
+  compilation cache (this host has no client to load them back)."""
+  if target.name == "local":
+    return lowered.compile()
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def shard_bytes(tree, sharded: bool = True) -> int:
+  """Bytes of one device's shards of ``tree`` (``sharded=False``: of the whole tree)."""
   total = 0
   for a in jax.tree.leaves(tree):
-    shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+    shape = (a.sharding.shard_shape(a.shape) if sharded and a.sharding is not None
+             else a.shape)
     total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
   return total
 

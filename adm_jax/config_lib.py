@@ -36,7 +36,7 @@ CHOICES: dict[str, tuple] = {
     # adm_jax.models.layers.REMAT_POLICIES (a test keeps the two equal).
     **{f"remat.{net}": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                         "everything_saveable")
-       for net in ("generator", "fake_score", "teacher")},
+       for net in ("generator", "fake_score", "teacher", "decoder", "pixel")},
     "compile.target_kind": ("auto", "tpu", "cpu"),
 }
 
@@ -218,10 +218,12 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       num_samples=16,
       # XLA's persistent compilation cache (a restarted or preempted run skips compiling).
       compilation_cache_dir="",
-      # Memory levers. Activation rematerialisation of each UNet-like network's resnet
-      # and transformer blocks (none | full | dots_saveable | ...); the teacher's counts
-      # where gradients flow through it (ADM / ADP discriminator features).
-      remat=dict(generator="none", fake_score="none", teacher="none"),
+      # Memory levers. Activation rematerialisation of each network's blocks (none |
+      # full | dots_saveable | ...): the UNets' resnet and transformer blocks (the
+      # teacher's count where gradients flow through it: ADM / ADP discriminator
+      # features), ADP's VAE decoder resnets and pixel-encoder (SAM) ViT blocks.
+      remat=dict(generator="none", fake_score="none", teacher="none", decoder="none",
+                 pixel="none"),
       # Each stack of identical transformer blocks as one lax.scan (faster compiles).
       scan_blocks=False,
       # --mode=compile (adm_jax/compile_check.py): the target to compile for (local: this

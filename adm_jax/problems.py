@@ -159,7 +159,7 @@ def _memory_apply(config, graphdef, net: str):
   return _unet_apply(graphdef, _remat(config, net), bool(config.get("scan_blocks", False)))
 
 
-def _pixel_encoder(pcfg, mesh, abstract: bool = False):
+def _pixel_encoder(pcfg, mesh, abstract: bool = False, remat: str = "none"):
   """ADP's frozen pixel encoder: ``(apply(params, images), params)``; SAM's ViT image
   encoder read from a transformers ``SamModel`` / ``SamVisionModel`` folder, or, with
   ``weights_dir=""``, a seeded random ViT of ``random_config`` (frozen random features,
@@ -196,7 +196,11 @@ def _pixel_encoder(pcfg, mesh, abstract: bool = False):
 
   def apply(p, images):                                    # images [B, H, W, 3] in [-1, 1]
     x = sam.preprocess(images, cfg.image_size)
-    out = nnx.merge(graphdef, p)(x, feature_layers=layers, neck=False)
+    model = nnx.merge(graphdef, p)
+    if remat != "none":
+      from adm_jax.models import layers as layers_lib
+      layers_lib.set_remat(model, (sam.SamVisionLayer,), remat)
+    out = model(x, feature_layers=layers, neck=False)
     return {f"layer_{i}": f for i, f in out["layers"].items()}      # [B, h, w, D]
   return apply, params
 
@@ -224,13 +228,20 @@ def sdxl(config, mesh, workdir=None, *, abstract: bool = False) -> Problem:
   vae = teacher.parts["vae"]
   frozen = {"teacher": teacher.denoiser.params, "decoder": vae.params}
 
+  decoder_remat = _remat(config, "decoder")
+
   def decode(p, latents):                                             # -> [B, H, W, 3]
-    return jnp.clip(nnx.merge(vae.graphdef, p).decode(latents), -1.0, 1.0)
+    model = nnx.merge(vae.graphdef, p)
+    if decoder_remat != "none":
+      from adm_jax.models import layers, vae as vae_lib
+      layers.set_remat(model, (vae_lib.ResnetBlock,), decoder_remat)
+    return jnp.clip(model.decode(latents), -1.0, 1.0)
 
   pixel = None
   if "pixel" in config.hparams.get("adp_weights", {"pixel": 1}) and config.method in (
       "adp", "dmdx"):
-    pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh, abstract)
+    pixel, frozen["pixel"] = _pixel_encoder(config.disc.pixel, mesh, abstract,
+                                            remat=_remat(config, "pixel"))
   # A float32 copy of the teacher for the students (f32 master weights).
   student_params = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding) if abstract

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: 
                           "teacher.param_dtype": teacher_dtype,
                           "scan_blocks": scan})
   c.disc.pixel.random_config = None
-  for net in ("generator", "fake_score", "teacher"):
+  for net in ("generator", "fake_score", "teacher", "decoder", "pixel"):
     c.remat[net] = remat
   return config_lib.validate(c)
 
@@ -93,17 +94,22 @@ def main():
 
 
 def _row(r) -> str:
-  peak = "out of HBM" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+  needs = [m.group(1) for s in r["steps"] for m in [re.search(
+      r"HLO temporaries \(([\d.]+G)\)", s.get("error", ""))] if m]
+  peak = (f"out of HBM (temporaries {max(needs, key=lambda v: float(v[:-1]))})" if needs
+          else "out of HBM") if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+  flops = "–" if r["peak_bytes"] is None else f"{r['iteration_flops'] / 1e12:.1f}"
   share = ("> 100 %" if r["peak_bytes"] is None else
            f"{100 * r['peak_bytes'] / r['hbm']:.0f} %")
   return (f"| {METHODS[r['method']][1]} | {r['target']} ({r['devices']} chips) | "
           f"{r['batch']} | {peak} | {share} | {'yes' if r['fits'] else 'no'} | "
-          f"{r['iteration_flops'] / 1e12:.1f} | {r['compile_s']:.0f} |")
+          f"{flops} | {r['remat']} | {r['compile_s']:.0f} |")
 
 
 def table(rows) -> str:
   lines = ["| method | target | global batch | peak HBM per chip | of HBM | fits | "
-           "TFLOP per iteration per chip | compile s |", "|---|---|---|---|---|---|---|---|"]
+           "TFLOP per iteration per chip | remat | compile s |",
+           "|---|---|---|---|---|---|---|---|---|"]
   lines += [_row(r) for r in rows]
   best = {}
   for r in rows:

@@ -2,6 +2,10 @@ r"""The embedded digits benchmark: one table, same evaluation for every row.
 
   python benchmarks/digits_table.py [--seeds 0,1] [--workdir /tmp/digits_table]
       [--rows teacher,regression,dmd2_1,dmd2_4,adp,adm,dmdx] [--json out.json]
+      [--merge a.json,b.json]
+
+``--merge`` adds the rows of earlier ``--json`` outputs to the table (run the rows as
+several invocations, then ``--rows= --merge ...`` prints the one table of them all).
 
 Rows: the teacher (Euler 25 and 50 steps with CFG; DDIM 1 / 2 / 4 steps as reference
 points), plain ODE-pair regression (MSE, one step: ADM's ablation A1), DMD2 one-step and
@@ -100,8 +104,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     row = {"row": label, "seeds": len(rs)}
     for k in ("fid", "alignment", "diversity", "wall_s"):
       v = np.array([r[k] for r in rs], float)
-      row[k] = f"{v.mean():.3g} ± {(v.max() - v.min()) / 2:.2g}" if len(v) > 1 \
-          else f"{v.mean():.3g}"
+      fmt = ".0f" if k == "wall_s" else ".3g"
+      row[k] = f"{v.mean():{fmt}} ± {(v.max() - v.min()) / 2:.2g}" if len(v) > 1 \
+          else f"{v.mean():{fmt}}"
     table.append(row)
   return table
 
@@ -112,31 +117,42 @@ def main(argv=None):
   ap.add_argument("--workdir", default="/tmp/digits_table")
   ap.add_argument("--rows", default="teacher," + ",".join(STUDENTS))
   ap.add_argument("--json", default="")
+  ap.add_argument("--merge", default="", help="earlier --json outputs to include")
   args = ap.parse_args(argv)
   workdir = Path(args.workdir)
   seeds = [int(s) for s in args.seeds.split(",")]
-  names = args.rows.split(",")
+  names = [n for n in args.rows.split(",") if n]
   unknown = set(names) - set(STUDENTS) - {"teacher"}
   if unknown:
     raise SystemExit(f"unknown rows {sorted(unknown)}; valid: teacher, {', '.join(STUDENTS)}")
   base = config_lib.validate(config_lib.load_config_file("configs/digits_dmdx.py"))
   rows = []
+  for path in filter(None, args.merge.split(",")):
+    rows += json.loads(Path(path).read_text())
   for seed in seeds:
-    if "teacher" in names:
-      rows += teacher_rows(base, workdir, seed)
     for name in names:
-      if name != "teacher":
-        rows.append(student_row(name, workdir, seed, workdir / "pairs"))
-      print(json.dumps(rows[-1]), flush=True)
+      new = teacher_rows(base, workdir, seed) if name == "teacher" else [
+          student_row(name, workdir, seed, workdir / "pairs")]
+      rows += new
+      for r in new:
+        print(json.dumps(r), flush=True)
+      if args.json:                  # after every row: a killed run keeps what it did
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+  if not rows:
+    raise SystemExit("no rows: name some with --rows or --merge earlier --json outputs")
+  order = {label: i for i, label in enumerate(
+      [f"teacher, {s} {n} step{'s' * (n > 1)}" for s, n in TEACHER]
+      + [label for _, label in STUDENTS.values()])}
+  rows.sort(key=lambda r: (next((i for k, i in order.items() if r["row"].startswith(k)),
+                                len(order)), r["seed"]))
   ref = rows[-1]["reference_diversity"]
+  seeds_seen = sorted({r["seed"] for r in rows})
   print(f"\nDigits benchmark: {base.eval.num_per_prompt} samples per digit "
         f"({base.eval.num_per_prompt * len(base.eval.prompts)} per row), FID on the shipped "
         f"classifier's features vs the held-out digits; held-out diversity {ref:.3f}; "
-        f"seeds {seeds}; {jax.devices()[0].device_kind} x{jax.device_count()}")
+        f"seeds {seeds_seen}; {jax.devices()[0].device_kind} x{jax.device_count()}")
   print(evaluation.format_table(summarise(rows),
                                 ["row", "seeds", "fid", "alignment", "diversity", "wall_s"]))
-  if args.json:
-    Path(args.json).write_text(json.dumps(rows, indent=1))
   return rows
 
 

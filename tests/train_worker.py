@@ -1,9 +1,9 @@
 """A training process for the multi-process tests: ``python tests/train_worker.py
 --workdir=W [--stop_at=S] [--coordinator_address=127.0.0.1:P --num_processes=2
 --process_id=i]`` trains the tiny toy config (``configs/toy.py:method=dmd2,variant=tiny``
-on every device of the run, data split over processes) and writes what this process saw
-to ``W/worker_<i>_<stop_at or end>.json``: every logged loss (on every process, not only process 0) and
-the l2 norm of each network's parameters."""
+on every device of the run, data split over processes) and writes what this process
+saw to ``W/worker_<i>_<stop_at or end>.json``: every logged loss (on every process, not
+only process 0) and the l2 norm of each network's parameters."""
 import json
 import os
 import sys

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adm_jax.models.layers import Conv2d, LayerNorm, Linear, attention
+from adm_jax.models.layers import Conv2d, LayerNorm, Linear, attention, call_maybe_remat
 
 Array = jax.Array
 
@@ -373,7 +373,12 @@ class SamVisionLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
     self.mlp = SamMLPBlock(config, **kw)
 
+  remat = "none"            # a policy of layers.REMAT_POLICIES (config.remat.pixel)
+
   def __call__(self, x: Array) -> Array:             # [B, h, w, D]
+    return call_maybe_remat(self, type(self)._forward, x)
+
+  def _forward(self, x: Array) -> Array:
     h = self.layer_norm1(x)
     if self.window_size > 0:
       size = h.shape[1:3]

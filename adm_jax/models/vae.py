@@ -148,7 +148,12 @@ class ResnetBlock(nnx.Module):
     self.conv2 = ctx.conv(cout, cout, 3)
     self.conv_shortcut = ctx.conv(cin, cout, 1) if cin != cout else None
 
+  remat = "none"            # a policy of layers.REMAT_POLICIES (config.remat.decoder)
+
   def __call__(self, x: Array) -> Array:                   # x [B, H, W, Cin]
+    return L.call_maybe_remat(self, type(self)._forward, x)
+
+  def _forward(self, x: Array) -> Array:
     h = self.conv1(jax.nn.silu(self.norm1(x)))
     h = self.conv2(jax.nn.silu(self.norm2(h)))
     if self.conv_shortcut is not None:
