@@ -115,10 +115,14 @@ def test_memory_levers_keep_the_numbers():
               pooled=jnp.ones((2, 16)), time_ids=jnp.ones((2, 6)))
 
   def loss(p, scan, remat):
-    model = nnx.merge(graphdef, p)
-    model.set_scan(scan)
-    model.set_remat(remat)
-    return jnp.mean(model(x, jnp.array([10.0, 700.0]), cond) ** 2)
+    def apply(x):
+      model = nnx.merge(graphdef, p)
+      model.set_scan(scan)
+      model.set_remat(remat)
+      return model(x, jnp.array([10.0, 700.0]), cond)
+    # Inside a loop as well (DMD2's backward simulation runs the UNet in a fori_loop).
+    x1 = jax.lax.stop_gradient(jax.lax.fori_loop(0, 1, lambda i, z: apply(z), x))
+    return jnp.mean(apply(x) ** 2) + jnp.mean(apply(x1) ** 2)
 
   ref_v, ref_g = jax.jit(jax.value_and_grad(lambda p: loss(p, False, "none")))(params)
   for scan, remat in ((True, "none"), (False, "full"), (True, "dots_saveable")):

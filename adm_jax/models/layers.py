@@ -176,11 +176,18 @@ def remat_policy(name: str):
 
 
 def call_maybe_remat(module: nnx.Module, forward, *args):
-  """``forward(module, *args)``, under ``nnx.remat`` when ``module.remat`` is a policy."""
+  """``forward(module, *args)``, under ``jax.checkpoint`` when ``module.remat`` names a
+  policy."""
   name = getattr(module, "remat", "none")
   if name == "none":
     return forward(module, *args)
-  return nnx.remat(forward, policy=remat_policy(name))(module, *args)
+  # A pure function of the module's state (no NNX state update across trace levels, so
+  # it also works inside lax loops such as DMD2's backward simulation).
+  graphdef, state = nnx.split(module)
+
+  def pure(state, *args):
+    return forward(nnx.merge(graphdef, state), *args)
+  return jax.checkpoint(pure, policy=remat_policy(name))(state, *args)
 
 
 def set_remat(model: nnx.Module, kinds: tuple[type, ...], name: str) -> None:
