@@ -199,7 +199,7 @@ def _pixel_encoder(pcfg, mesh, abstract: bool = False, remat: str = "none"):
     model = nnx.merge(graphdef, p)
     if remat != "none":
       from adm_jax.models import layers as layers_lib
-      layers_lib.set_remat(model, (sam.SamVisionLayer,), remat)
+      layers_lib.set_remat(model, remat)
     out = model(x, feature_layers=layers, neck=False)
     return {f"layer_{i}": f for i, f in out["layers"].items()}      # [B, h, w, D]
   return apply, params
@@ -233,8 +233,8 @@ def sdxl(config, mesh, workdir=None, *, abstract: bool = False) -> Problem:
   def decode(p, latents):                                             # -> [B, H, W, 3]
     model = nnx.merge(vae.graphdef, p)
     if decoder_remat != "none":
-      from adm_jax.models import layers, vae as vae_lib
-      layers.set_remat(model, (vae_lib.ResnetBlock,), decoder_remat)
+      from adm_jax.models import layers
+      layers.set_remat(model, decoder_remat)
     return jnp.clip(model.decode(latents), -1.0, 1.0)
 
   pixel = None

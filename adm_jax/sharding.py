@@ -176,10 +176,14 @@ def make_global_batch(local_batch, mesh: Mesh,
   Returns:
     The same pytree of global ``jax.Array``s.
   """
+  single = jax.process_count() == 1
+
   def put(x):
     x = x if hasattr(x, "shape") else np.asarray(x)
     sharding = batch_sharding(mesh, x.ndim, axes) if x.ndim else replicated(mesh)
-    return jax.make_array_from_process_local_data(sharding, x)
+    if single:            # device arrays stay on the devices (no host round trip)
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
   return jax.tree.map(put, local_batch)
 
 

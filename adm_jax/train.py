@@ -338,7 +338,7 @@ def global_batch(problem, step: int, needs, mesh, batch_size: int) -> dict:
     rows, p = batch_size // n, jax.process_index()
     local = jax.tree.map(lambda a: a[p * rows:(p + 1) * rows]
                          if np.ndim(a) and np.shape(a)[0] == batch_size else a, local)
-  return sharding.make_global_batch(jax.device_get(local), mesh)
+  return sharding.make_global_batch(local, mesh)
 
 
 def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, start,

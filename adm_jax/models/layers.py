@@ -190,9 +190,11 @@ def call_maybe_remat(module: nnx.Module, forward, *args):
   return jax.checkpoint(pure, policy=remat_policy(name))(state, *args)
 
 
-def set_remat(model: nnx.Module, kinds: tuple[type, ...], name: str) -> None:
-  """Sets the remat policy of every submodule of ``model`` that is one of ``kinds``."""
+def set_remat(model: nnx.Module, name: str) -> None:
+  """Sets policy ``name`` on every block of ``model`` that supports remat (declares a
+  ``remat`` attribute: UNet resnets and transformer blocks, VAE resnets, SAM ViT
+  blocks)."""
   remat_policy(name)                                     # validates the name
   for _, m in model.iter_modules():
-    if isinstance(m, kinds):
+    if hasattr(type(m), "remat"):
       m.remat = name

@@ -444,7 +444,7 @@ class UNet2DConditionModel(nnx.Module):
   def set_remat(self, policy: str) -> None:
     """Rematerialise every resnet and transformer block with ``policy`` (a name of
     :data:`adm_jax.models.layers.REMAT_POLICIES`; ``"none"`` keeps all activations)."""
-    L.set_remat(self, (ResnetBlock2D, BasicTransformerBlock), policy)
+    L.set_remat(self, policy)
 
   def embed_time(self, t: Array, cond: Mapping[str, Array]) -> Array:
     """Timestep (+ text_time) embedding ``[B, time_embed_dim]``.
