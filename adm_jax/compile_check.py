@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from adm_jax import config_lib, problems, sharding, train
+from adm_jax.models import layers
 
 GiB = 1024 ** 3
 
@@ -154,6 +155,18 @@ def _struct(x, sh):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
 
+def step_names(config, target: Target) -> list[str]:
+  """``stage/step`` of every step function that :func:`compile_steps` compiles (an
+  abstract build, nothing compiled): the values ``config.compile.steps`` takes."""
+  mesh = sharding.make_mesh(config.mesh, devices=target.devices)
+  problem = problems.make(config, mesh, abstract=True)
+  names = []
+  for method in dict.fromkeys(stage.method for stage in train.stages(config)):
+    names += [f"{method}/{name}" for name, _, _ in
+              train.build(config, mesh, problem, method).plan]
+  return names
+
+
 def compile_steps(config, target: Target, log=print) -> list[dict]:
   """Compiles every step of every stage for ``target``; one row per step function."""
   mesh = sharding.make_mesh(config.mesh, devices=target.devices)
@@ -163,18 +176,24 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
     raise config_lib.ConfigError(f"global batch {batch_size} does not split over the "
                                  f"mesh's {shards} batch shards (data x fsdp)")
   problem = problems.make(config, mesh, abstract=True)
-  rows, seen = [], set()
+  only = [s for s in config.compile.get("steps", "").split(",") if s]
+  rows, seen, known = [], set(), []
   for stage in train.stages(config):
     if stage.method in seen:
       continue
     seen.add(stage.method)
     b = train.build(config, mesh, problem, stage.method)
+    known += [f"{stage.method}/{name}" for name, _, _ in b.plan]
+    if only and not any(f"{stage.method}/{name}" in only for name, _, _ in b.plan):
+      continue
     state = sharding.abstract_with_shardings(b.abstract, b.shardings)
     batch = jax.tree.map(lambda a: _struct(a, sharding.batch_sharding(mesh, len(a.shape))),
                          b.example)
     frozen = jax.tree.map(lambda a: _struct(a, a.sharding), problem.frozen)
     rng = _struct(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
     for name, fn, every in b.plan:
+      if only and f"{stage.method}/{name}" not in only:
+        continue
       jitted = jax.jit(fn, in_shardings=(b.shardings, jax.tree.map(lambda a: a.sharding, frozen),
                                          jax.tree.map(lambda a: a.sharding, batch),
                                          rng.sharding),
@@ -187,7 +206,13 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
                 (("state", state), ("frozen", frozen), ("batch", batch))},
              "state_bytes_unsharded": shard_bytes(state, sharded=False)}
       try:
-        compiled = _compile(jitted.lower(state, frozen, batch, rng), target)
+        # Convolutions lower as the target's chips want them (also on the CPU stand-ins
+        # for a TPU slice), not as this host's CPU would.
+        native = target.hbm_bytes is None and target.devices[0].platform == jax.default_backend()
+        lowering = "auto" if native else "xla"
+        with layers.conv_lowering(lowering):
+          lowered = jitted.lower(state, frozen, batch, rng)
+        compiled = _compile(lowered, target)
       except Exception as e:                                  # noqa: BLE001
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
@@ -199,6 +224,10 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
       total = row["total_bytes"]
       row["fits"] = None if target.hbm_bytes is None else total <= target.hbm_bytes
       rows.append(row)
+  unknown = sorted(set(only) - set(known))
+  if unknown:
+    raise config_lib.ConfigError(f"config.compile.steps: no step {', '.join(unknown)}; "
+                                 f"this config has {', '.join(known)}")
   return rows
 
 

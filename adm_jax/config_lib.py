@@ -229,8 +229,10 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       # --mode=compile (adm_jax/compile_check.py): the target to compile for (local: this
       # run's devices; a Cloud TPU slice such as v5p-8 / v5p-64 / v5e-16 / v6e-8,
       # compiled here by libtpu; cpu-N fake devices), the global batch (0: batch_size)
-      # and an iteration time for the implied MFU (0: none).
-      compile=dict(target="local", target_kind="auto", batch_size=0, step_time_s=0.0),
+      # an iteration time for the implied MFU (0: none) and which steps to compile
+      # ("" every one; else e.g. "adm/generator,adm/fake_score").
+      compile=dict(target="local", target_kind="auto", batch_size=0, step_time_s=0.0,
+                   steps=""),
   ))
 
 

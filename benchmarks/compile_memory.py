@@ -9,12 +9,13 @@ backward simulation) of ``configs/sdxl_onestep.py`` (SDXL base 1.0 UNet as teach
 generator and fake score, discriminator heads, SAM ViT-H pixel encoder for ADP, every
 Adam state; bf16 teacher compute) every step function is compiled by the TPU compiler
 for the target's topology (``pip install -e ".[tpu]"``; no weights are read, nothing
-runs) with all parameters and optimiser states FSDP-sharded over every chip and the
-batch over the same axis. One row per (method, target, batch): the peak per device
-(the largest step function: arguments + outputs + temporaries + code, state donated),
-its share of HBM, whether it fits, and FLOPs per iteration per device (every step once;
-DMD2's backward-simulation loop body counts once). Then, per method and target, the
-largest batch of those tried that fits under 80 % of HBM.
+runs), each in its own process by default (``--isolate 0``: all in this one), with all
+parameters and optimiser states FSDP-sharded over every chip and the batch over the same
+axis. One row per (method, target, batch): the peak per device (the largest step
+function: arguments + outputs + temporaries + code, state donated), its share of HBM,
+whether it fits, and FLOPs per iteration per device (every step once; DMD2's
+backward-simulation loop body counts once). Then, per method and target, the largest
+batch of those tried that fits under 80 % of HBM.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +68,10 @@ def main():
   ap.add_argument("--scan", type=int, default=1,
                   help="transformer stacks as lax.scan (config.scan_blocks; faster compiles)")
   ap.add_argument("--json", default="")
+  ap.add_argument("--isolate", type=int, default=1,
+                  help="compile each step function in its own process (peak host RAM of "
+                       "one compile, not of all of them)")
+  ap.add_argument("--steps", default="", help=argparse.SUPPRESS)   # one isolated step
   args = ap.parse_args()
   out, quiet = [], lambda *_: None
   for method in args.methods.split(","):
@@ -72,9 +79,14 @@ def main():
       for batch in map(int, args.batches.split(",")):
         config = config_for(method, target_name, batch, args.remat,
                             args.teacher_param_dtype, bool(args.scan))
+        config.compile.steps = args.steps
         target = compile_check.resolve_target(target_name, "tpu")
         t0 = time.perf_counter()
-        rows = compile_check.compile_steps(config, target, log=quiet)
+        if args.isolate and not args.steps:
+          rows = [r for step in compile_check.step_names(config, target)
+                  for r in _isolated(args, method, target_name, batch, step)]
+        else:
+          rows = compile_check.compile_steps(config, target, log=quiet)
         s = compile_check.summary(rows, target)
         out.append({"method": method, "target": target_name, "batch": batch,
                     "devices": len(target.devices), "remat": args.remat,
@@ -91,6 +103,20 @@ def main():
           Path(args.json).write_text(json.dumps(out, indent=1, default=str))
   print()
   print(table(out))
+
+
+def _isolated(args, method, target, batch, step) -> list[dict]:
+  """One step's rows from a child process running this script on that step alone."""
+  with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    cmd = [sys.executable, __file__, "--methods", method, "--targets", target,
+           "--batches", str(batch), "--remat", args.remat, "--teacher_param_dtype",
+           args.teacher_param_dtype, "--scan", str(args.scan), "--steps", step,
+           "--isolate", "0", "--json", f.name]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode:
+      raise RuntimeError(f"compiling {step} failed (exit {r.returncode}; -9 is the host "
+                         f"out of memory):\n{r.stdout[-3000:]}")
+    return json.loads(Path(f.name).read_text())[0]["steps"]
 
 
 def _row(r) -> str:

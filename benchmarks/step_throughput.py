@@ -32,6 +32,7 @@ import dmd2_torch_reference as ref_lib  # noqa: E402
 from unet_forward import _interleaved_medians  # noqa: E402
 
 from adm_jax import config_lib, problems, sharding, train  # noqa: E402
+from adm_jax.models import layers  # noqa: E402
 from adm_jax import teacher as teacher_lib  # noqa: E402
 
 # ADP's pixel path: a small SDXL-style VAE decoder (x8) and a small SAM ViT.
@@ -137,6 +138,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--methods", default="dmd2,adm,adp")
+  ap.add_argument("--conv-lowering", default="auto", choices=layers.CONV_LOWERINGS,
+                  help="how our convolutions lower (adm_jax.models.layers.conv_lowering)")
   args = ap.parse_args(argv)
   import torch
   unet_cfg = ref_lib.SMALL if args.config == "small" else ref_lib._mid_size_config()
@@ -152,7 +155,8 @@ def main(argv=None):
   for method in args.methods.split(","):
     t0 = time.perf_counter()
     ours = _jax_iteration(method, problem, levels, mesh)
-    ours()                                                  # compile + first run
+    with layers.conv_lowering(args.conv_lowering):
+      ours()                                                # trace, compile, first run
     compile_s = time.perf_counter() - t0
     if method == "dmd2":
       ref.iteration()                                       # warm-up
@@ -164,7 +168,8 @@ def main(argv=None):
   print(f"\nSDXL-architecture UNet '{args.config}' ({n_params / 1e6:.0f} M params), "
         f"latents {latent}x{latent}x4, batch {args.batch}, float32, TTUR 1, median of "
         f"{args.repeats}; {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"{os.cpu_count()} CPU cores, conv lowering {args.conv_lowering}, torch "
+        f"{torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   print("| method (one iteration) | adm_jax ms | PyTorch/diffusers ms | torch / ours | "
         "adm_jax compile s |")

@@ -45,6 +45,8 @@ def main():
   ap.add_argument("--size", type=int, default=32, help="latent height = width")
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--conv-lowering", default="auto", choices=("auto", "xla", "patches"),
+                  help="how our convolutions lower (adm_jax.models.layers.conv_lowering)")
   args = ap.parse_args()
 
   import jax
@@ -54,6 +56,7 @@ def main():
   from flax import nnx
 
   from adm_jax.convert import unet as convert_unet
+  from adm_jax.models import layers
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -86,7 +89,8 @@ def main():
   jin = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
          dict(context=jnp.asarray(ctx), pooled=jnp.asarray(pooled), time_ids=jnp.asarray(tids)))
   t0 = time.perf_counter()
-  out = jax_fwd(params, *jin).block_until_ready()
+  with layers.conv_lowering(args.conv_lowering):
+    out = jax_fwd(params, *jin).block_until_ready()
   compile_s = time.perf_counter() - t0
   out_t = torch_fwd()
   diff = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - out_t.numpy()).max())
@@ -94,7 +98,8 @@ def main():
   tj, tt = _interleaved_medians(
       [lambda: jax_fwd(params, *jin).block_until_ready(), torch_fwd], args.repeats)
   print(f"UNet forward, {n_params / 1e6:.1f}M params, batch {b}, latent {s}x{s}, "
-        f"context 77x2048, float32, {args.threads} CPU threads")
+        f"context 77x2048, float32, {args.threads} CPU threads, conv lowering "
+        f"{args.conv_lowering}")
   print(f"  jax   (jit, median of {args.repeats}, interleaved): {tj * 1e3:8.1f} ms  "
         f"(first call incl. compile {compile_s:.1f} s)")
   print(f"  torch (eager, median of {args.repeats}): {tt * 1e3:8.1f} ms")

@@ -65,6 +65,19 @@ def test_cpu_target_replicated_state(capsys):
   assert summary["fits"] is None and summary["iteration_flops"] == rows[0]["flops"]
 
 
+def test_step_filter_names_every_step_and_rejects_unknown_ones():
+  target = compile_check.resolve_target("cpu-4")
+  dmdx = config_lib.load_config_file("configs/digits_dmdx.py")
+  config_lib.override(dmdx, {"teacher.weights_dir": "/nonexistent"})
+  names = compile_check.step_names(config_lib.validate(dmdx), target)
+  assert names[0].startswith("adp/") and "adm/generator" in names and len(names) == len(
+      set(names)) >= 4
+  with pytest.raises(config_lib.ConfigError, match="no step regression/critic; this config "
+                                                   "has regression/generator"):
+    compile_check.compile_steps(_config("cpu-4", **{"compile.steps": "regression/critic"}),
+                                target, log=lambda *_: None)
+
+
 def test_tpu_target_fsdp_shards_state():
   pytest.importorskip("libtpu", reason="the test extra installs jax[tpu]")
   common = {"mesh": (("data", 1), ("fsdp", 4), ("tensor", 1)),

@@ -94,6 +94,61 @@ def test_sdxl_unet_matches_diffusers(sdxl_tiny, batch, seed):
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("lowering", ["xla", "patches"])
+def test_every_conv_lowering_matches_diffusers_and_grads_agree(sdxl_tiny, lowering):
+  """Both ways our convolutions lower (one XLA convolution, or patches + one matmul)
+  give diffusers' output, and the same gradient for every parameter."""
+  from adm_jax.models import layers
+  model, path = sdxl_tiny
+  _, graphdef, params, _ = _ours(path)
+  x, t, cond = _inputs(2, SDXL_TINY, 4)
+  x = x.transpose(0, 2, 3, 1)
+  ref = _torch_forward(model, *_inputs(2, SDXL_TINY, 4))
+
+  def loss(p):
+    out = nnx.merge(graphdef, p)(x, t, cond)
+    return jnp.sum(jnp.square(out)), out
+  with layers.conv_lowering(lowering):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  with layers.conv_lowering("xla"):
+    want, _ = jax.jit(jax.grad(loss, has_aux=True))(params)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+  got, want = tree.flatten(grads), tree.flatten(want)
+  assert got.keys() == want.keys()
+  for k, w in want.items():
+    w = np.asarray(w)
+    np.testing.assert_allclose(np.asarray(got[k]), w, rtol=2e-4,
+                               atol=2e-4 * float(np.abs(w).max()) + 1e-7, err_msg=k)
+
+
+def test_conv_lowering_choices():
+  from adm_jax.models import layers
+  rngs = nnx.Rngs(0)
+  wide = jnp.ones((2, 8, 8, 128))
+  conv = layers.Conv2d(128, 8, 3, padding=1, rngs=rngs)
+  down = layers.Conv2d(16, 8, 3, stride=2, padding=((0, 1), (0, 1)), rngs=rngs)
+  pick = lambda m, x: layers._use_patches(x, m.kernel_size, m.strides, m.padding)
+  # auto on CPU: patches for small, wide layers only; never for 1x1 kernels.
+  assert pick(conv, wide) and not pick(conv, jnp.ones((2, 32, 32, 128)))
+  assert not pick(conv, jnp.ones((2, 8, 8, 64)))
+  one = layers.Conv2d(128, 8, 1, rngs=rngs)
+  assert not pick(one, wide)
+  with layers.conv_lowering("xla"):
+    assert not pick(conv, wide)
+  with layers.conv_lowering("patches"):
+    assert pick(down, jnp.ones((2, 9, 9, 16))) and not pick(one, wide)
+    # Strided, asymmetric padding (the VAE encoder's downsampler) agrees too.
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 16))
+    got = down(x)
+  with layers.conv_lowering("xla"):
+    want = down(x)
+  assert got.shape == want.shape == (2, 4, 4, 8)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  with pytest.raises(ValueError, match="unknown conv lowering 'im2col'; valid: auto, xla"):
+    with layers.conv_lowering("im2col"):
+      pass
+
+
 def test_conv_projection_variant_matches_diffusers(tmp_path):
   model = _build(CONV_PROJ, tmp_path / "unet")
   _, _, _, ours = _ours(tmp_path / "unet")

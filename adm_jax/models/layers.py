@@ -10,6 +10,8 @@ statistics and softmax always run in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -33,11 +35,74 @@ class Linear(nnx.Linear):
                      rngs=rngs, **_dtypes(dtype, param_dtype))
 
 
+CONV_LOWERINGS = ("auto", "xla", "patches")
+_CONV_LOWERING = contextvars.ContextVar("conv_lowering", default="auto")
+# "auto" takes the patch matmul on CPU for layers at most this many output positions
+# per image and at least this many input channels, where XLA:CPU's convolution kernels
+# are slowest: measured on SDXL-shaped layers (benchmarks/conv_lowering.py), forward +
+# backward at 8x8x512 is 2x faster as one matmul, at 8x8x1280 3x; at 32x32 the XLA
+# convolution is faster.
+PATCH_MAX_POSITIONS = 256
+PATCH_MIN_CHANNELS = 128
+
+
+@contextlib.contextmanager
+def conv_lowering(name: str):
+  """Traces :class:`Conv2d` inside the block with lowering ``name``: ``"xla"`` (one
+  ``conv_general_dilated``, what TPUs and GPUs want), ``"patches"`` (the k*k shifted
+  views concatenated on channels, then one matmul with the ``[k*k*in, out]`` kernel)
+  or ``"auto"`` (the default: patches for small, wide layers when tracing for CPU).
+  Compiles for another platform than the host's (``--mode=compile`` for a TPU) trace
+  under ``"xla"``."""
+  if name not in CONV_LOWERINGS:
+    raise ValueError(f"unknown conv lowering {name!r}; valid: {', '.join(CONV_LOWERINGS)}")
+  token = _CONV_LOWERING.set(name)
+  try:
+    yield
+  finally:
+    _CONV_LOWERING.reset(token)
+
+
+def conv_patches(x: Array, kernel: Array, strides: Sequence[int],
+                 padding: Sequence[tuple[int, int]]) -> Array:
+  """2-D convolution as one matmul over extracted patches (im2col).
+
+  ``x`` ``[B, H, W, C]``, ``kernel`` ``[kh, kw, C, O]`` -> ``[B, Ho, Wo, O]``; the same
+  result as ``lax.conv_general_dilated`` (no dilation, one feature group). Its gradient
+  is two matmuls and the transpose of the slicing, which XLA:CPU runs much faster than
+  its backward convolutions at small spatial sizes.
+  """
+  kh, kw, c, o = kernel.shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  views = [jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1,
+                                             j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+           for i in range(kh) for j in range(kw)]                  # k*k x [B, Ho, Wo, C]
+  cols = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+  return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * c, o))
+
+
+def _use_patches(x: Array, kernel_size, strides, padding) -> bool:
+  mode = _CONV_LOWERING.get()
+  if mode == "xla" or tuple(kernel_size) == (1, 1):
+    return False                     # a 1x1 convolution is a matmul in XLA already
+  if mode == "patches":
+    return True
+  if jax.default_backend() != "cpu":
+    return False
+  h = (x.shape[1] + sum(padding[0]) - kernel_size[0]) // strides[0] + 1
+  w = (x.shape[2] + sum(padding[1]) - kernel_size[1]) // strides[1] + 1
+  return h * w <= PATCH_MAX_POSITIONS and x.shape[-1] >= PATCH_MIN_CHANNELS
+
+
 class Conv2d(nnx.Conv):
   """``torch.nn.Conv2d`` on ``[B, H, W, C]`` with kernel ``[kh, kw, in, out]``.
 
   ``padding`` is the symmetric torch padding; pass a sequence of (lo, hi) pairs for the
-  asymmetric padding of the VAE encoder's downsampler.
+  asymmetric padding of the VAE encoder's downsampler. How it lowers is a trace-time
+  choice (:func:`conv_lowering`); the parameters are the same either way.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
@@ -49,6 +114,15 @@ class Conv2d(nnx.Conv):
     super().__init__(in_features, out_features, (kernel_size, kernel_size),
                      strides=(stride, stride), padding=tuple(padding), use_bias=use_bias,
                      rngs=rngs, **_dtypes(dtype, param_dtype))
+
+  def __call__(self, x: Array) -> Array:                 # [B, H, W, in] -> [B, Ho, Wo, out]
+    if not _use_patches(x, self.kernel_size, self.strides, self.padding):
+      return super().__call__(x)
+    x = x.astype(self.dtype)
+    y = conv_patches(x, self.kernel[...].astype(self.dtype), self.strides, self.padding)
+    if self.use_bias:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
 
 
 class GroupNorm(nnx.Module):
