@@ -112,10 +112,12 @@ def _isolated(args, method, target, batch, step) -> list[dict]:
            "--batches", str(batch), "--remat", args.remat, "--teacher_param_dtype",
            args.teacher_param_dtype, "--scan", str(args.scan), "--steps", step,
            "--isolate", "0", "--json", f.name]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(f"  {method} {target} batch {batch}: compiling {step} in a child process",
+          flush=True)
+    r = subprocess.run(cmd)                  # its output streams through (step by step)
     if r.returncode:
       raise RuntimeError(f"compiling {step} failed (exit {r.returncode}; -9 is the host "
-                         f"out of memory):\n{r.stdout[-3000:]}")
+                         "running out of memory)")
     return json.loads(Path(f.name).read_text())[0]["steps"]
 
 
