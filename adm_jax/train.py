@@ -266,13 +266,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
   ckptr = checkpoint.TrainCheckpointer(checkpoint.checkpoint_dir(workdir),
                                        max_to_keep=config.keep_checkpoints)
   writer = metrics_lib.MetricWriter(workdir)
-  state, start, current = _initial_state(config, workdir, ckptr, problem, mesh, all_stages)
+  state, start, current, resumed = _initial_state(config, workdir, ckptr, problem, mesh,
+                                                  all_stages)
   guard = multihost.PreemptionGuard()
   try:
     guard.__enter__()
     for i in range(stage_at(all_stages, start), len(all_stages)):
       stage = all_stages[i]
-      b = build(config, mesh, problem, stage.method)
+      # The resumed stage's build is reused (building draws its example batch, which on
+      # online-teacher problems is a teacher sampling).
+      b = resumed if resumed is not None and i == current else build(config, mesh, problem,
+                                                                   stage.method)
+      resumed = None
       if state is not None and current != i:            # entering this stage now
         state, current = _hand_over(b, state), i
         ckptr.save(stage.start, state, _meta(stage, stage.start), force=True)
@@ -465,12 +470,12 @@ def write_samples(config, workdir, problem, sampler, state, step: int) -> Path:
 
 
 def _initial_state(config, workdir, ckptr, problem, mesh, all_stages):
-  """``(state or None, start step, stage index of the state)``; ``None``: initialise the
-  first stage."""
+  """``(state or None, start step, stage index of the state, that stage's Built or
+  None)``; ``None``: initialise the first stage."""
   resume = checkpoint.resolve_resume(workdir, config.get("resume") or None,
                                      init_from_teacher=True)
   if resume.source not in ("workdir", "resume"):
-    return None, 0, None
+    return None, 0, None, None
   step = int(resume.step)
   src = ckptr if resume.source == "workdir" else checkpoint.TrainCheckpointer(
       resume.directory, read_only=True)
@@ -489,4 +494,4 @@ def _initial_state(config, workdir, ckptr, problem, mesh, all_stages):
   state, _ = src.restore(step, sharding.abstract_with_shardings(b.abstract, b.shardings))
   if jax.process_index() == 0:
     print(f"resumed from {resume.directory} step {step} (stage {stage.method})", flush=True)
-  return state, step, index
+  return state, step, index, b

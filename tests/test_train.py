@@ -65,7 +65,8 @@ def test_non_finite_loss_names_network_and_steps(tmp_path):
     train.train_and_evaluate(_config(**{"hparams.dm_weight": float("nan")}), str(tmp_path))
 
 
-def test_dmdx_hands_over_from_adp_to_adm_and_resumes_across_the_boundary(tmp_path):
+def test_dmdx_hands_over_from_adp_to_adm_and_resumes_across_the_boundary(tmp_path,
+                                                                        monkeypatch):
   straight = train.train_and_evaluate(_config("dmdx"), str(tmp_path / "a"))
   ckpts = tmp_path / "a" / "checkpoints"
   metas = {p.name: json.loads((p / "meta" / "metadata").read_text())
@@ -79,10 +80,17 @@ def test_dmdx_hands_over_from_adp_to_adm_and_resumes_across_the_boundary(tmp_pat
 
   # Stopped inside ADP (step 4), at the hand-over (6) and inside ADM (9), then resumed:
   # the same final state as the uninterrupted run.
-  for stop in (4, 6, 9):
+  built = []
+  real_build = train.build
+  monkeypatch.setattr(train, "build", lambda *a: built.append(a[-1]) or real_build(*a))
+  # Each resumed run builds each stage it touches once: the resumed stage's build is
+  # reused (at 6 the checkpoint is ADP's last state, restored in ADP's layout).
+  for stop, builds in ((4, ["adp", "adm"]), (6, ["adp", "adm"]), (9, ["adm"])):
     work = str(tmp_path / f"stop{stop}")
     train.train_and_evaluate(_config("dmdx"), work, stop_at=stop)
+    built.clear()
     resumed = train.train_and_evaluate(_config("dmdx"), work)
+    assert built == builds, stop
     a, b = _flat(straight), _flat(resumed)
     assert a.keys() == b.keys(), stop
     for k in a:
