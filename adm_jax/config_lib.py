@@ -226,6 +226,10 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
                  pixel="none"),
       # Each stack of identical transformer blocks as one lax.scan (faster compiles).
       scan_blocks=False,
+      # ADP's pixel branch (VAE decode + pixel encoder at full resolution, the largest
+      # activations of DMDX) in this many sequential, rematerialised passes over the
+      # batch; keep global_batch / pixel_microbatches a multiple of the batch shards.
+      pixel_microbatches=1,
       # --mode=compile (adm_jax/compile_check.py): the target to compile for (local: this
       # run's devices; a Cloud TPU slice such as v5p-8 / v5p-64 / v5e-16 / v6e-8,
       # compiled here by libtpu; cpu-N fake devices), the global batch (0: batch_size)
@@ -337,6 +341,15 @@ def validate(config: ConfigDict) -> ConfigDict:
     if ok and _lookup(config, key) not in choices:
       raise ConfigError(f"invalid value {_lookup(config, key)!r} for config key {key!r}; "
                         f"valid choices: {', '.join(map(repr, choices))}")
+  n = config.get("pixel_microbatches", 1)
+  if not isinstance(n, int) or n < 1:
+    raise ConfigError(f"config.pixel_microbatches={n!r}: a positive integer (1: one pass)")
+  if n > 1 and "batch_size" in config:
+    for what, b in (("batch_size", config.batch_size),
+                    ("compile.batch_size", config.get("compile", {}).get("batch_size", 0))):
+      if b and b % n:
+        raise ConfigError(f"config.{what}={b} does not split into "
+                          f"config.pixel_microbatches={n} passes")
   if "family" in config and "teacher" in config and config.teacher.family != config.family:
     raise ConfigError(f"config.teacher.family={config.teacher.family!r} differs from "
                       f"config.family={config.family!r}")

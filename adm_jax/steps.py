@@ -27,6 +27,7 @@ from adm_jax import losses
 from adm_jax import parameterization as P
 from adm_jax import schedules as S
 from adm_jax import tree
+from adm_jax.models import layers
 from adm_jax.state import DistillState, NetState
 
 Array = jax.Array
@@ -58,6 +59,8 @@ class Nets:
     pixel_disc: ``pixel_disc(params, features) -> logits [B]``: heads on ``pixel``.
     fake: apply function of the fake score when it differs from ``student`` (the same
       architecture with another memory policy, e.g. rematerialisation).
+    pixel_microbatches: ADP's pixel branch runs as this many sequential passes
+      (:func:`layers.map_microbatches`).
   """
   param: P.Parameterization
   teacher: Apply
@@ -72,6 +75,7 @@ class Nets:
   pixel: Apply | None = None
   pixel_disc: Apply | None = None
   fake: Apply | None = None
+  pixel_microbatches: int = 1
 
   @property
   def fake_apply(self) -> Apply:
@@ -432,9 +436,10 @@ def _adp_logits(nets: Nets, frozen, disc_params, x0, cond, t, eps) -> dict:
     out["latent"] = _disc_logits(nets, nets.teacher, sg(frozen["teacher"]),
                                  disc_params["latent"], x_t, t, cond)
   if "pixel" in nets.hp["adp_weights"]:
-    images = nets.decode(sg(frozen["decoder"]), x0)                  # [B, H, W, 3]
-    out["pixel"] = nets.pixel_disc(disc_params["pixel"],
-                                   nets.pixel(sg(frozen["pixel"]), images))
+    decoder, encoder = sg(frozen["decoder"]), sg(frozen["pixel"])
+    features = layers.map_microbatches(                  # decode: [B, H, W, 3] images
+        lambda z: nets.pixel(encoder, nets.decode(decoder, z)), x0, nets.pixel_microbatches)
+    out["pixel"] = nets.pixel_disc(disc_params["pixel"], features)
   return out
 
 

@@ -206,7 +206,8 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
                     gen_times=tuple(float(t) for t in config.student.times),
                     cfg_scale=config.teacher.guidance_scale, hp=hp,
                     decode=problem.decode, pixel=problem.pixel, pixel_disc=pixel_disc,
-                    fake=problem.fake)
+                    fake=problem.fake,
+                    pixel_microbatches=int(config.get("pixel_microbatches", 1)))
   # Parameters are arguments of the (jitted) initialiser, not closed-over constants: a
   # closure would embed every weight in the compiled program.
   init = functools.partial(state_lib.init_state, txs=txs, ema=config.ema_decay > 0,

@@ -41,7 +41,7 @@ METHODS = {"dmdx": ("configs/sdxl_onestep.py", "DMDX one-step (ADP + ADM)"),
 
 
 def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: str,
-               scan: bool):
+               scan: bool, pixel_microbatches: int = 1):
   c = config_lib.load_config_file(str(ROOT / METHODS[method][0]))
   config_lib.override(c, {"compile.target": target, "compile.batch_size": batch,
                           "compile.target_kind": "tpu",
@@ -50,7 +50,7 @@ def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: 
                           "teacher.weights_dir": "/nonexistent",    # reference architecture
                           "disc.pixel.weights_dir": "",
                           "teacher.param_dtype": teacher_dtype,
-                          "scan_blocks": scan})
+                          "scan_blocks": scan, "pixel_microbatches": pixel_microbatches})
   c.disc.pixel.random_config = None
   for net in ("generator", "fake_score", "teacher", "decoder", "pixel"):
     c.remat[net] = remat
@@ -67,6 +67,9 @@ def main():
                   help="storage of the frozen teacher (bfloat16 halves it)")
   ap.add_argument("--scan", type=int, default=1,
                   help="transformer stacks as lax.scan (config.scan_blocks; faster compiles)")
+  ap.add_argument("--pixel_microbatches", type=int, default=1,
+                  help="ADP's pixel branch in this many sequential passes "
+                       "(config.pixel_microbatches)")
   ap.add_argument("--json", default="")
   ap.add_argument("--isolate", type=int, default=1,
                   help="compile each step function in its own process (peak host RAM of "
@@ -78,7 +81,8 @@ def main():
     for target_name in args.targets.split(","):
       for batch in map(int, args.batches.split(",")):
         config = config_for(method, target_name, batch, args.remat,
-                            args.teacher_param_dtype, bool(args.scan))
+                            args.teacher_param_dtype, bool(args.scan),
+                            args.pixel_microbatches)
         config.compile.steps = args.steps
         target = compile_check.resolve_target(target_name, "tpu")
         t0 = time.perf_counter()
@@ -91,6 +95,7 @@ def main():
         out.append({"method": method, "target": target_name, "batch": batch,
                     "devices": len(target.devices), "remat": args.remat,
                     "scan": bool(args.scan), "teacher_param_dtype": args.teacher_param_dtype,
+                    "pixel_microbatches": args.pixel_microbatches,
                     "compile_s": time.perf_counter() - t0, "hbm": target.hbm_bytes, **s,
                     "steps": rows})
         print(_row(out[-1]), flush=True)
@@ -111,6 +116,7 @@ def _isolated(args, method, target, batch, step) -> list[dict]:
     cmd = [sys.executable, __file__, "--methods", method, "--targets", target,
            "--batches", str(batch), "--remat", args.remat, "--teacher_param_dtype",
            args.teacher_param_dtype, "--scan", str(args.scan), "--steps", step,
+           "--pixel_microbatches", str(args.pixel_microbatches),
            "--isolate", "0", "--json", f.name]
     print(f"  {method} {target} batch {batch}: compiling {step} in a child process",
           flush=True)

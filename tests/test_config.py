@@ -47,6 +47,19 @@ def _main(*args, cwd=ROOT):
                         capture_output=True, text=True, timeout=300)
 
 
+def test_pixel_microbatches_must_split_the_batch():
+  c = config_lib.load_config_file("configs/sdxl_onestep.py")
+  c.pixel_microbatches = 4
+  config_lib.validate(c)
+  c.batch_size = 6
+  with pytest.raises(config_lib.ConfigError, match="batch_size=6 does not split into "
+                                                   "config.pixel_microbatches=4"):
+    config_lib.validate(c)
+  c.pixel_microbatches = 0
+  with pytest.raises(config_lib.ConfigError, match="a positive integer"):
+    config_lib.validate(c)
+
+
 def test_cli_unknown_key_lists_valid_keys(tmp_path):
   r = _main("--config=configs/sdxl_onestep.py", f"--workdir={tmp_path}",
             "--config.teacher.dtyp=float32")

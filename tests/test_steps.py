@@ -223,6 +223,49 @@ def test_adp_pixel_branch_trains_heads_and_generator_only():
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_pixel_microbatches_give_the_same_steps():
+  """ADP's pixel branch in sequential, rematerialised passes: same losses, same updates."""
+  nets, state, frozen = _setup(adp=True)
+  nets, dec, enc, pixel_heads = _pixel_nets(nets, {"latent": 0.85, "pixel": 0.15})
+  frozen = {**frozen, "decoder": dec, "pixel": enc}
+  params = {**state.discriminator.params, "pixel": pixel_heads}
+  state = state.replace(discriminator=state_lib.make_net_state(params, nets.txs[
+      "discriminator"]))
+  outs = []
+  for n in (1, 4):
+    micro = steps.Nets(**{**nets.__dict__, "pixel_microbatches": n})
+    s, m_d = jax.jit(steps.make_adp_discriminator_step(micro))(state, frozen, _batch(),
+                                                               jax.random.key(0))
+    s, m_g = jax.jit(steps.make_adp_generator_step(micro))(s, frozen, _batch(),
+                                                           jax.random.key(1))
+    outs.append((jax.tree.map(np.asarray, s), {**m_d, **m_g}))
+  (s1, m1), (s4, m4) = outs
+  assert m1.keys() == m4.keys() and "generator/pixel_fake_logit" in m1
+  for k in m1:
+    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_map_microbatches_keeps_rows_values_and_gradients():
+  from adm_jax.models import layers
+  w = jax.random.normal(jax.random.key(0), (3, 5))
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  fn = lambda w, x: {"y": jnp.tanh(x @ w), "s": jnp.sum(x ** 2, -1)}
+  loss = lambda w, x, n: sum(jnp.sum(v ** 3) for v in jax.tree.leaves(
+      layers.map_microbatches(lambda z: fn(w, z), x, n)))
+  ref, ref_g = jax.value_and_grad(loss, argnums=(0, 1))(w, x, 1)
+  out = layers.map_microbatches(lambda z: fn(w, z), x, 4)
+  for k, v in fn(w, x).items():
+    np.testing.assert_allclose(out[k], v, rtol=1e-6, err_msg=k)       # row order kept
+  val, g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(w, x, 4)
+  np.testing.assert_allclose(val, ref, rtol=1e-5)
+  for a, b in zip(ref_g, g):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="a batch of 8 does not split into 3 microbatches"):
+    layers.map_microbatches(lambda z: fn(w, z), x, 3)
+
+
 def test_adp_input_is_the_rectified_flow_interpolant_on_flow_teachers():
   nets, _, _ = _setup(adp=True)
   nets = steps.Nets(**{**nets.__dict__, "param": P.make("flow")})

@@ -264,6 +264,25 @@ def call_maybe_remat(module: nnx.Module, forward, *args):
   return jax.checkpoint(pure, policy=remat_policy(name))(state, *args)
 
 
+def map_microbatches(fn, x: Array, n: int):
+  """``fn(x)`` for a batch ``x`` ``[B, ...]`` as ``n`` sequential passes (``lax.map``),
+  each rematerialised: peak activations of ``B / n`` rows, in the forward and in the
+  backward pass, for ``fn`` that treats rows independently.
+
+  Pass ``j`` takes rows ``j, j + n, j + 2n, ...``: on a batch sharded in contiguous
+  blocks, every device keeps working on its own rows in every pass (as long as its
+  block splits into ``n``). The output rows come back in the input's order.
+  """
+  if n <= 1:
+    return fn(x)
+  b = x.shape[0]
+  if b % n:
+    raise ValueError(f"a batch of {b} does not split into {n} microbatches")
+  xs = jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)         # [n, B/n, ...]
+  ys = jax.lax.map(jax.checkpoint(fn), xs)
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(b, *y.shape[2:]), ys)
+
+
 def set_remat(model: nnx.Module, name: str) -> None:
   """Sets policy ``name`` on every block of ``model`` that supports remat (declares a
   ``remat`` attribute: UNet resnets and transformer blocks, VAE resnets, SAM ViT
