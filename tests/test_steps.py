@@ -192,13 +192,19 @@ def _pixel_nets(nets, weights):
   return nets, {"w": dec_w}, {"w": enc_w}, hparams
 
 
-def test_adp_pixel_branch_trains_heads_and_generator_only():
+def _adp_with_pixel_branch():
+  """ADP nets, state and frozen nets with both branches (λ1 = 0.85 latent, 0.15 pixel)."""
   nets, state, frozen = _setup(adp=True)
   nets, dec, enc, pixel_heads = _pixel_nets(nets, {"latent": 0.85, "pixel": 0.15})
   frozen = {**frozen, "decoder": dec, "pixel": enc}
   params = {**state.discriminator.params, "pixel": pixel_heads}
   state = state.replace(discriminator=state_lib.make_net_state(params, nets.txs[
       "discriminator"]))
+  return nets, state, frozen
+
+
+def test_adp_pixel_branch_trains_heads_and_generator_only():
+  nets, state, frozen = _adp_with_pixel_branch()
   before = jax.tree.map(np.array, frozen)
   d_step = jax.jit(steps.make_adp_discriminator_step(nets))
   g_step = jax.jit(steps.make_adp_generator_step(nets))
@@ -225,12 +231,7 @@ def test_adp_pixel_branch_trains_heads_and_generator_only():
 
 def test_pixel_microbatches_give_the_same_steps():
   """ADP's pixel branch in sequential, rematerialised passes: same losses, same updates."""
-  nets, state, frozen = _setup(adp=True)
-  nets, dec, enc, pixel_heads = _pixel_nets(nets, {"latent": 0.85, "pixel": 0.15})
-  frozen = {**frozen, "decoder": dec, "pixel": enc}
-  params = {**state.discriminator.params, "pixel": pixel_heads}
-  state = state.replace(discriminator=state_lib.make_net_state(params, nets.txs[
-      "discriminator"]))
+  nets, state, frozen = _adp_with_pixel_branch()
   outs = []
   for n in (1, 4):
     micro = steps.Nets(**{**nets.__dict__, "pixel_microbatches": n})
