@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple] = {
     "hparams.gan_loss": ("nonsaturating", "hinge"),
     "hparams.regression": ("mse", "pseudo_huber"),
     "disc.head": ("admhead2d", "dmd2"),
+    "dmdx.adm_disc_init": ("fresh", "adp_latent"),
     # adm_jax.models.layers.REMAT_POLICIES (a test keeps the two equal).
     **{f"remat.{net}": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                         "everything_saveable")
@@ -204,9 +205,11 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       batch_size=batch_size,
       total_steps=total_steps,
       dmd2=dict(gan=True),
-      # DMDX: ADP steps, and per-stage optimiser overrides ({net: {"lr": ...}}).
+      # DMDX: ADP steps, per-stage optimiser overrides ({net: {"lr": ...}}), and where
+      # ADM's discriminator heads start: "fresh" (initialised) or "adp_latent" (ADP's
+      # latent heads, which read the same teacher features).
       dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction)), adp_optim={},
-                adm_optim={}),
+                adm_optim={}, adm_disc_init="fresh"),
       hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
       pairs=pair_settings(),
       eval=eval_settings(),

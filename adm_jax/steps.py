@@ -89,12 +89,18 @@ def default_hparams(**overrides) -> dict:
   teacher's output space (``adp_regression_space="target"``: the velocity on flow
   teachers) or on the x0 prediction (``"x0"``: on an ε teacher the ε-MSE weights x0
   errors by the SNR, ~0.005 at the one-step t = 999, so it hardly anchors the
-  one-step output)."""
+  one-step output). ``adp_onestep_fraction``: the expected share of each ADP batch
+  given the one-step student's own input (the pair's pure noise at the first
+  conditioning time) instead of the cubic-time interpolation."""
   hp = dict(dm_t_min=20, dm_t_max=980, gan_weight_g=5e-3, gan_weight_d=1e-2,
             gan_loss="nonsaturating", gan_feature="mid", adm_dt_fraction=1 / 64,
             regression="mse", dm_weight=1.0, adp_weights=dict(losses.ADP_DISC_WEIGHTS),
-            adp_regression_weight=0.0, adp_regression_space="target")
+            adp_regression_weight=0.0, adp_regression_space="target",
+            adp_onestep_fraction=0.0)
   hp.update(overrides)
+  if not 0.0 <= float(hp["adp_onestep_fraction"]) <= 1.0:
+    raise ValueError(f"adp_onestep_fraction {hp['adp_onestep_fraction']!r}: must be in "
+                     "[0, 1]")
   if hp["adp_regression_space"] not in ("target", "x0"):
     raise ValueError(f"adp_regression_space {hp['adp_regression_space']!r}: valid: "
                      "'target', 'x0'")
@@ -420,10 +426,18 @@ def _adp_input(nets: Nets, batch, rng):
   cubic time. On a flow teacher ``add_noise`` *is* the rectified-flow interpolation
   ``(1 - t) x_0 + t x_T`` of the paper; on VP / v teachers it is the teacher's own
   forward process between the same two endpoints (same pair coupling, and the
-  students keep the teacher's input scaling)."""
+  students keep the teacher's input scaling). ``hp["adp_onestep_fraction"]`` of the
+  rows (in expectation) are the pure noise ``x_T`` at the student's one-step time."""
   noise, x0 = batch["pair_noise"], batch["pair_latent"]
-  t = _t_cubic(nets, rng, x0.shape[0])
-  return nets.param.add_noise(x0, noise, t), t
+  r_t, r_mask = jax.random.split(rng)
+  t = _t_cubic(nets, r_t, x0.shape[0])                                     # [B]
+  x_t = nets.param.add_noise(x0, noise, t)
+  frac = nets.hp["adp_onestep_fraction"]
+  if frac:          # rows given exactly what the one-step student sees at sampling time
+    onestep = jax.random.bernoulli(r_mask, frac, t.shape)                  # [B]
+    t = jnp.where(onestep, jnp.float32(nets.gen_times[0]), t)
+    x_t = jnp.where(onestep.reshape(-1, *[1] * (x0.ndim - 1)), noise, x_t)
+  return x_t, t
 
 
 def _adp_logits(nets: Nets, frozen, disc_params, x0, cond, t, eps) -> dict:

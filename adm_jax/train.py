@@ -231,14 +231,28 @@ def _jit_plan(b: Built, problem, mesh):
   return jitted, batch_sh, frozen_sh
 
 
-def _hand_over(b: Built, previous: state_lib.DistillState):
+def _hand_over(config, b: Built, previous: state_lib.DistillState):
   """The next stage's first state: its own fresh networks and optimisers, with the
-  generator (and its EMA) taken from the previous stage (DMDX: ADM from ADP)."""
+  generator (and its EMA) taken from the previous stage (DMDX: ADM from ADP), and with
+  ``config.dmdx.adm_disc_init="adp_latent"`` ADM's discriminator heads from ADP's
+  latent-branch heads (same heads on the same teacher features; fresh optimiser)."""
+  fake, disc = b.init_args[1:]
+  if config.method == "dmdx" and config.dmdx.adm_disc_init == "adp_latent":
+    prev_disc = previous.discriminator.params
+    if not isinstance(prev_disc, dict) or "latent" not in prev_disc or (
+        jax.tree.structure(prev_disc["latent"]) != jax.tree.structure(disc)):
+      raise config_lib.ConfigError(
+          "config.dmdx.adm_disc_init='adp_latent' needs ADP's latent heads to match "
+          "ADM's discriminator (same config.disc head and features)")
+    disc = None                                    # taken from ``prev`` inside the jit
+
   def init(prev, fake, disc):
+    if disc is None:
+      disc = prev.discriminator.params["latent"]
     s = b.init(prev.generator.params, fake, disc)
     return s.replace(generator_ema=prev.generator_ema if s.generator_ema is not None
                      else None, step=prev.step, rng=prev.rng)
-  return jax.jit(init, out_shardings=b.shardings)(previous, *b.init_args[1:])
+  return jax.jit(init, out_shardings=b.shardings)(previous, fake, disc)
 
 
 # ------------------------------------------------------------------------------- loop
@@ -280,7 +294,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
                                                                    stage.method)
       resumed = None
       if state is not None and current != i:            # entering this stage now
-        state, current = _hand_over(b, state), i
+        state, current = _hand_over(config, b, state), i
         ckptr.save(stage.start, state, _meta(stage, stage.start), force=True)
       state = _run_stage(config, workdir, problem, mesh, b, stage, state,
                          max(start, stage.start), ckptr, writer,

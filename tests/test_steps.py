@@ -280,6 +280,26 @@ def test_adp_input_is_the_rectified_flow_interpolant_on_flow_teachers():
   assert abs((ts > 0.5).mean() - 0.5 ** (1 / 3)) < 0.01
 
 
+def test_adp_onestep_rows_are_the_students_sampling_input():
+  """``adp_onestep_fraction``: that share of rows (in expectation) is the pair's pure
+  noise at the one-step time, the rest the interpolant; 0 and 1 are the two ends."""
+  batch = _batch()
+  noise = np.asarray(batch["pair_noise"])
+  for frac in (0.0, 0.5, 1.0):
+    nets, _, _ = _setup(gen_times=(999.0,), adp=True, hp={"adp_onestep_fraction": frac})
+    onestep = []
+    for seed in range(40):
+      x_t, t = map(np.asarray, steps._adp_input(nets, batch, jax.random.key(seed)))
+      hit = (x_t == noise).all(axis=-1)          # the interpolant is never exactly x_T
+      np.testing.assert_array_equal(t[hit], 999.0)
+      want = nets.param.add_noise(batch["pair_latent"], batch["pair_noise"], t)
+      np.testing.assert_allclose(x_t[~hit], np.asarray(want)[~hit], rtol=1e-6, atol=1e-6)
+      onestep.append(hit.mean())
+    assert abs(np.mean(onestep) - frac) < (0.06 if 0 < frac < 1 else 0.02), frac
+  with pytest.raises(ValueError, match="adp_onestep_fraction"):
+    steps.default_hparams(adp_onestep_fraction=1.5)
+
+
 def test_adp_weights_are_checked():
   with pytest.raises(ValueError, match="adp_weights"):
     steps.default_hparams(adp_weights={"latent": 1.0, "pxel": 0.1})

@@ -97,6 +97,25 @@ def test_dmdx_hands_over_from_adp_to_adm_and_resumes_across_the_boundary(tmp_pat
       np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=f"{stop} {k}")
 
 
+@pytest.mark.parametrize("disc_init", ["fresh", "adp_latent"])
+def test_dmdx_hand_over_starts_adm_heads_fresh_or_from_adp(disc_init):
+  from adm_jax import sharding
+  config = _config("dmdx", **{"dmdx.adm_disc_init": disc_init})
+  mesh = sharding.make_mesh(config.mesh)
+  problem = train.PROBLEMS["toy"](config, mesh)
+  adp, adm = (train.build(config, mesh, problem, m) for m in ("adp", "adm"))
+  state = jax.jit(adp.init)(*adp.init_args)
+  # Move ADP's heads away from their initial values, as training would.
+  state = state.replace(discriminator=state.discriminator.replace(
+      params=jax.tree.map(lambda p: p + 0.25, state.discriminator.params)))
+  new = _flat(train._hand_over(config, adm, state).discriminator.params)
+  want = _flat(state.discriminator.params["latent"] if disc_init == "adp_latent"
+               else adm.init_args[2])
+  assert new.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(new[k], want[k], err_msg=k)
+
+
 def test_checkpoint_from_another_stage_layout_is_refused(tmp_path):
   train.train_and_evaluate(_config("adm"), str(tmp_path), stop_at=4)
   with pytest.raises(CheckpointError, match="stage 'adm'"):
