@@ -205,11 +205,11 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       batch_size=batch_size,
       total_steps=total_steps,
       dmd2=dict(gan=True),
-      # DMDX: ADP steps, per-stage optimiser overrides ({net: {"lr": ...}}), and where
-      # ADM's discriminator heads start: "fresh" (initialised) or "adp_latent" (ADP's
-      # latent heads, which read the same teacher features).
+      # DMDX: ADP steps, per-stage optimiser overrides ({net: {"lr": ...}}) and TTUR
+      # ratios (0: ``ttur``), and where ADM's discriminator heads start: "fresh"
+      # (initialised) or "adp_latent" (ADP's latent heads, on the same teacher features).
       dmdx=dict(adp_steps=max(1, int(total_steps * adp_fraction)), adp_optim={},
-                adm_optim={}, adm_disc_init="fresh"),
+                adm_optim={}, adp_ttur=0, adm_ttur=0, adm_disc_init="fresh"),
       hparams=dict(),                     # overrides of adm_jax.steps.default_hparams
       pairs=pair_settings(),
       eval=eval_settings(),
@@ -353,6 +353,12 @@ def validate(config: ConfigDict) -> ConfigDict:
       if b and b % n:
         raise ConfigError(f"config.{what}={b} does not split into "
                           f"config.pixel_microbatches={n} passes")
+  for key, least in (("ttur", 1), ("dmdx.adp_ttur", 0), ("dmdx.adm_ttur", 0)):
+    ok, _, _ = _has_key(config, key)
+    value = _lookup(config, key) if ok else least
+    if not isinstance(value, int) or value < least:
+      raise ConfigError(f"config.{key}={value!r}: an integer >= {least}"
+                        + (" (0: config.ttur)" if least == 0 else ""))
   if "family" in config and "teacher" in config and config.teacher.family != config.family:
     raise ConfigError(f"config.teacher.family={config.teacher.family!r} differs from "
                       f"config.family={config.family!r}")

@@ -67,9 +67,11 @@ def method_plan(method: str, config, nets: steps.Nets) -> list[tuple[str, Callab
   DMD2: the guidance model (fake score + GAN head) updates every iteration, the
   generator every ``ttur`` iterations (DMD2 App. C). ADM: fake score, discriminator and
   generator alternate (ADM Algorithm 1; TTUR 1 by default). ADP: discriminators, then
-  generator.
+  generator. In DMDX, ``config.dmdx.adp_ttur`` / ``adm_ttur`` set a stage's own ratio.
   """
   ttur = config.ttur
+  if config.method == "dmdx":            # a DMDX stage's own ratio (0: config.ttur)
+    ttur = int(config.dmdx.get(f"{method}_ttur", 0)) or ttur
   if method == "dmd2":
     gan = config.dmd2.gan
     return [("fake_score", steps.make_fake_score_step(nets, gan=gan), 1),

@@ -60,6 +60,19 @@ def test_pixel_microbatches_must_split_the_batch():
     config_lib.validate(c)
 
 
+def test_ttur_ratios_are_checked():
+  c = config_lib.load_config_file("configs/digits_dmdx.py")
+  c.dmdx.adm_ttur = 4
+  config_lib.validate(c)
+  for key, value, msg in (("ttur", 0, "config.ttur=0: an integer >= 1"),
+                          ("dmdx.adm_ttur", -1, "config.dmdx.adm_ttur=-1: an integer >= 0"),
+                          ("dmdx.adp_ttur", -2, "config.dmdx.adp_ttur=-2")):
+    bad = config_lib.load_config_file("configs/digits_dmdx.py")
+    config_lib.override(bad, {key: value})
+    with pytest.raises(config_lib.ConfigError, match=msg):
+      config_lib.validate(bad)
+
+
 def test_cli_unknown_key_lists_valid_keys(tmp_path):
   r = _main("--config=configs/sdxl_onestep.py", f"--workdir={tmp_path}",
             "--config.teacher.dtyp=float32")

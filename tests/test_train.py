@@ -116,6 +116,17 @@ def test_dmdx_hand_over_starts_adm_heads_fresh_or_from_adp(disc_init):
     np.testing.assert_array_equal(new[k], want[k], err_msg=k)
 
 
+def test_dmdx_stages_take_their_own_ttur():
+  from adm_jax import sharding
+  config = _config("dmdx", **{"dmdx.adm_ttur": 3})
+  mesh = sharding.make_mesh(config.mesh)
+  problem = train.PROBLEMS["toy"](config, mesh)
+  every = {m: {name: e for name, _, e in train.build(config, mesh, problem, m).plan}
+           for m in ("adp", "adm")}
+  assert every == {"adp": {"discriminator": 1, "generator": 1},
+                   "adm": {"fake_score": 1, "discriminator": 1, "generator": 3}}
+
+
 def test_checkpoint_from_another_stage_layout_is_refused(tmp_path):
   train.train_and_evaluate(_config("adm"), str(tmp_path), stop_at=4)
   with pytest.raises(CheckpointError, match="stage 'adm'"):
