@@ -28,7 +28,10 @@ def _get(cfg: Mapping[str, Any], key: str, default=None):
 
 
 def learning_rate_fn(cfg: Mapping[str, Any]) -> optax.Schedule:
-  """Linear warm-up from 0 to ``cfg.lr`` over ``cfg.warmup_steps`` updates, then constant.
+  """Linear warm-up from 0 to ``cfg.lr`` over ``cfg.warmup_steps`` updates, then constant;
+  with ``cfg.delay_steps`` = N, the learning rate is 0 for the first N updates and the
+  warm-up starts after them (e.g. ADM's generator waiting while its fake score and
+  discriminator catch up with the hand-over).
 
   The schedule is indexed by the number of updates already applied (optax's
   ``count``), so the first update uses ``lr(0) = 0``, as diffusers'
@@ -36,17 +39,22 @@ def learning_rate_fn(cfg: Mapping[str, Any]) -> optax.Schedule:
   training loop can log the learning rate of any step.
 
   Args:
-    cfg: an optimiser config (``lr``, optional ``warmup_steps``).
+    cfg: an optimiser config (``lr``, optional ``warmup_steps``, ``delay_steps``).
 
   Returns:
     ``step -> learning rate``.
   """
   lr = float(cfg["lr"])
   warmup = int(_get(cfg, "warmup_steps", 0))
-  if warmup <= 0:
-    return optax.constant_schedule(lr)
+  delay = int(_get(cfg, "delay_steps", 0))
+  if delay < 0:
+    raise ValueError(f"delay_steps={delay}: must be >= 0")
   # linear_schedule holds end_value once transition_steps is reached.
-  return optax.linear_schedule(0.0, lr, transition_steps=warmup)
+  schedule = (optax.linear_schedule(0.0, lr, transition_steps=warmup) if warmup > 0
+              else optax.constant_schedule(lr))
+  if delay:         # frozen (lr 0) for the first ``delay`` updates, then the schedule
+    schedule = optax.join_schedules([optax.constant_schedule(0.0), schedule], [delay])
+  return schedule
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -54,7 +62,7 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
 
   Args:
     cfg: ``ConfigDict`` or dict with ``name`` (one of :data:`OPTIMIZERS`), ``lr``
-      and optionally ``warmup_steps``, ``grad_clip`` (``<= 0`` or ``None``: no
+      and optionally ``warmup_steps``, ``delay_steps``, ``grad_clip`` (``<= 0`` or ``None``: no
       clipping), ``weight_decay``, ``b1``, ``b2``, ``eps``.
 
   Returns:

@@ -62,6 +62,22 @@ def test_no_warmup_is_constant():
   assert float(lr_fn(1000)) == pytest.approx(3e-4)
 
 
+def test_delay_holds_lr_at_zero_then_warms_up():
+  lr_fn = optim.learning_rate_fn(_cfg(lr=1e-3, warmup_steps=100, delay_steps=50))
+  np.testing.assert_allclose([float(lr_fn(s)) for s in (0, 49, 50, 75, 149, 150, 10**6)],
+                             [0.0, 0.0, 0.0, 2.5e-4, 9.9e-4, 1e-3, 1e-3], rtol=1e-6)
+  lr_fn = optim.learning_rate_fn(_cfg(lr=1e-3, delay_steps=3))
+  assert [float(lr_fn(s)) for s in (2, 3)] == [0.0, pytest.approx(1e-3)]
+  # Weight decay is scaled by the learning rate: frozen params do not decay either.
+  params = {"w": jnp.ones((4,))}
+  frozen = _run(optim.make_optimizer(_cfg(delay_steps=2, weight_decay=0.1)), params,
+                [{"w": jnp.full((4,), 3.0)}] * 3)
+  np.testing.assert_array_equal(frozen[1]["w"], params["w"])
+  assert np.all(np.asarray(frozen[2]["w"]) < 1.0)
+  with pytest.raises(ValueError, match="delay_steps=-1"):
+    optim.learning_rate_fn(_cfg(delay_steps=-1))
+
+
 def test_dmd2_preset_defaults():
   cfg = config_lib.adamw(5e-7)
   lr_fn = optim.learning_rate_fn(cfg)
