@@ -202,6 +202,9 @@ def distillation(method: str, *, times: Sequence[float], total_steps: int,
       # DMD2: fake score every step, generator every 5th (App. C); ADM / ADP: TTUR 1.
       ttur=5 if method == "dmd2" else 1,
       ema_decay=0.0,
+      # CFG of the real score in the DM (DMD2) and ADM losses; 0: teacher.guidance_scale
+      # (which the ODE pairs and teacher samples use).
+      real_guidance_scale=0.0,
       batch_size=batch_size,
       total_steps=total_steps,
       dmd2=dict(gan=True),

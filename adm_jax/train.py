@@ -206,7 +206,8 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
   nets = steps.Nets(param=problem.param, teacher=problem.teacher, student=problem.student,
                     disc=disc, txs=txs, latent_shape=problem.latent_shape,
                     gen_times=tuple(float(t) for t in config.student.times),
-                    cfg_scale=config.teacher.guidance_scale, hp=hp,
+                    cfg_scale=float(config.get("real_guidance_scale", 0.0)
+                                    or config.teacher.guidance_scale), hp=hp,
                     decode=problem.decode, pixel=problem.pixel, pixel_disc=pixel_disc,
                     fake=problem.fake,
                     pixel_microbatches=int(config.get("pixel_microbatches", 1)))

@@ -127,6 +127,16 @@ def test_dmdx_stages_take_their_own_ttur():
                    "adm": {"fake_score": 1, "discriminator": 1, "generator": 3}}
 
 
+@pytest.mark.parametrize("method", ["dmd2", "adm"])
+def test_real_score_guidance_defaults_to_the_teachers(method):
+  from adm_jax import sharding
+  for scale, want in ((0.0, None), (3.5, 3.5)):
+    config = _config(method, real_guidance_scale=scale)
+    mesh = sharding.make_mesh(config.mesh)
+    nets = train.build(config, mesh, train.PROBLEMS["toy"](config, mesh), method).nets
+    assert nets.cfg_scale == (want or config.teacher.guidance_scale) != 0
+
+
 def test_checkpoint_from_another_stage_layout_is_refused(tmp_path):
   train.train_and_evaluate(_config("adm"), str(tmp_path), stop_at=4)
   with pytest.raises(CheckpointError, match="stage 'adm'"):
