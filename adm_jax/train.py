@@ -247,11 +247,9 @@ def _hand_over(config, b: Built, previous: state_lib.DistillState):
       raise config_lib.ConfigError(
           "config.dmdx.adm_disc_init='adp_latent' needs ADP's latent heads to match "
           "ADM's discriminator (same config.disc head and features)")
-    disc = None                                    # taken from ``prev`` inside the jit
+    disc = prev_disc["latent"]
 
   def init(prev, fake, disc):
-    if disc is None:
-      disc = prev.discriminator.params["latent"]
     s = b.init(prev.generator.params, fake, disc)
     return s.replace(generator_ema=prev.generator_ema if s.generator_ema is not None
                      else None, step=prev.step, rng=prev.rng)
