@@ -1,8 +1,9 @@
-r"""Does the full-size SDXL distillation fit a TPU slice? Per-device HBM and FLOPs.
+r"""Does the full-size SDXL distillation fit a TPU slice? Per-chip HBM and FLOPs.
 
   python benchmarks/compile_memory.py [--targets v5p-8,v5p-64] [--batches 32,64,128] \
-      [--methods dmdx,dmd2_4] [--remat none] [--teacher_param_dtype float32] [--scan 1]
-      [--json out.json]
+      [--methods dmdx,dmd2_4] [--remat full] [--teacher_param_dtype float32] [--scan 1] \
+      [--pixel_microbatches 0] [--results benchmarks/results/compile_memory.json]
+  python benchmarks/compile_memory.py --table_only 1      # print what the results hold
 
 For each method (``dmdx``: DMDX one-step, ADP then ADM; ``dmd2_4``: DMD2 four-step with
 backward simulation) of ``configs/sdxl_onestep.py`` (SDXL base 1.0 UNet as teacher,
@@ -11,18 +12,27 @@ Adam state; bf16 teacher compute) every step function is compiled by the TPU com
 for the target's topology (``pip install -e ".[tpu]"``; no weights are read, nothing
 runs), each in its own process by default (``--isolate 0``: all in this one), with all
 parameters and optimiser states FSDP-sharded over every chip and the batch over the same
-axis. One row per (method, target, batch): the peak per device (the largest step
-function: arguments + outputs + temporaries + code, state donated), its share of HBM,
-whether it fits, and FLOPs per iteration per device (every step once; DMD2's
-backward-simulation loop body counts once). Then, per method and target, the largest
-batch of those tried that fits under 80 % of HBM.
+axis.
+
+A full-size step compiles in 7-30 minutes and up to ~22 GB of host RAM, so the grid is
+built up over several runs: every compiled step goes into the results file at once, and
+a step already there (same method, target, batch and settings) is not compiled again.
+Per (method, target) the batches go smallest first and each batch's steps largest first
+(by what the results hold for the method): once a step is out of HBM the batch does not
+fit, its other steps are not compiled, and larger batches are marked as not compiled
+(memory per chip only grows with the batch).
+
+Prints one row per (method, target, batch): the peak per chip (the largest step function:
+arguments + outputs + temporaries + code, state donated), its share of HBM, whether it
+fits and FLOPs per iteration per chip (every step once; DMD2's backward-simulation loop
+body counts once); then one row per step; then, per method and target, the largest batch
+that fits under 80 % of HBM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +48,11 @@ from adm_jax import compile_check, config_lib  # noqa: E402
 METHODS = {"dmdx": ("configs/sdxl_onestep.py", "DMDX one-step (ADP + ADM)"),
            "dmd2_4": ("configs/sdxl_onestep.py:method=dmd2,steps=4",
                       "DMD2 four-step (backward simulation)")}
+RESULTS = ROOT / "benchmarks" / "results" / "compile_memory.json"
+# What makes two measurements of one step the same measurement.
+KEY = ("method", "target", "batch", "remat", "scan", "teacher_param_dtype",
+       "pixel_microbatches")
+GiB = 2 ** 30
 
 
 def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: str,
@@ -57,106 +72,221 @@ def config_for(method: str, target: str, batch: int, remat: str, teacher_dtype: 
   return config_lib.validate(c)
 
 
+# ------------------------------------------------------------------------------ results
+
+
+def load(path: Path) -> list[dict]:
+  """The results file's entries (one per KEY, each with its step rows); [] if none."""
+  if not path.exists() or not path.read_text().strip():
+    return []
+  entries = json.loads(path.read_text())
+  if not isinstance(entries, list) or any(
+      not isinstance(e, dict) or set(KEY) - set(e) or "steps" not in e for e in entries):
+    raise ValueError(f"{path}: not a compile_memory results file (a list of entries with "
+                     f"{', '.join(KEY)} and steps)")
+  return entries
+
+
+def save(path: Path, entries: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(entries, indent=1, default=str) + "\n")
+  os.replace(tmp, path)                       # a killed run never leaves half a file
+
+
+def entry_for(entries: list[dict], key: dict) -> dict:
+  for e in entries:
+    if all(e[k] == key[k] for k in KEY):
+      return e
+  entries.append({**key, "steps": []})
+  return entries[-1]
+
+
+def status(e: dict) -> str:
+  """``fits`` / ``out of HBM`` / ``not compiled: ...`` / ``k of n steps``."""
+  if e.get("skipped"):
+    return "not compiled: " + e["skipped"]
+  if any("error" in r for r in e["steps"]):
+    return "out of HBM"
+  n = len(e.get("step_names") or e["steps"])
+  return "complete" if len(e["steps"]) >= n else f"{len(e['steps'])} of {n} steps"
+
+
+def _largest_first(names: list[str], entries: list[dict], method: str) -> list[str]:
+  """``names`` ordered by the largest share of HBM any result of ``method`` gives each
+  step (out of HBM counts as largest); steps without a result keep their order, last."""
+  share = {}
+  for e in entries:
+    for r in e["steps"] if e["method"] == method else ():
+      s = 2.0 if "error" in r else r["total_bytes"] / e["hbm"]
+      k = f"{r['stage']}/{r['step']}"
+      share[k] = max(share.get(k, 0.0), s)
+  return sorted(names, key=lambda n: -share.get(n, -1.0))
+
+
+# ------------------------------------------------------------------------------ compiling
+
+
+def measure(args, entries: list[dict]) -> None:
+  for method in args.methods.split(","):
+    if method not in METHODS:
+      raise SystemExit(f"--methods: no method {method!r}; choose from {', '.join(METHODS)}")
+    for target_name in args.targets.split(","):
+      target = compile_check.resolve_target(target_name, "tpu")
+      too_big = None                          # the smallest batch found out of HBM
+      for batch in sorted(map(int, args.batches.split(","))):
+        mb = args.pixel_microbatches or max(1, batch // len(target.devices))
+        key = {"method": method, "target": target_name, "batch": batch,
+               "remat": args.remat, "scan": bool(args.scan),
+               "teacher_param_dtype": args.teacher_param_dtype, "pixel_microbatches": mb}
+        e = entry_for(entries, key)
+        e.update(devices=len(target.devices), hbm=target.hbm_bytes)
+        if too_big is not None and not e["steps"]:
+          e["skipped"] = f"batch {too_big} is already out of HBM"
+          save(args.results, entries)
+          continue
+        e.pop("skipped", None)
+        config = config_for(method, target_name, batch, args.remat, args.teacher_param_dtype,
+                            bool(args.scan), mb)
+        e["step_names"] = compile_check.step_names(config, target)
+        for step in _largest_first(e["step_names"], entries, method):
+          if any("error" in r for r in e["steps"]):
+            break                             # does not fit; the other steps cannot help
+          if any(f"{r['stage']}/{r['step']}" == step for r in e["steps"]):
+            continue
+          print(f"{method} {target_name} batch {batch}: compiling {step} "
+                f"({time.strftime('%H:%M:%S')})", flush=True)
+          t0 = time.perf_counter()
+          rows = (_isolated(key, step) if args.isolate else
+                  _compile_here(config, target, step))
+          for r in rows:
+            r["compile_s"] = round(time.perf_counter() - t0, 1)
+            print("    " + _step_line(r), flush=True)
+          e["steps"] += rows
+          save(args.results, entries)
+        if status(e) == "out of HBM":
+          too_big = batch
+
+
+def _compile_here(config, target, step: str) -> list[dict]:
+  config.compile.steps = step
+  return compile_check.compile_steps(config, target, log=lambda *_: None)
+
+
+def _isolated(key: dict, step: str) -> list[dict]:
+  """One step's rows from a child process (its host RAM is freed when it exits)."""
+  with tempfile.TemporaryDirectory() as d:
+    out = Path(d) / "rows.json"
+    cmd = [sys.executable, __file__, "--child", json.dumps({**key, "step": step}),
+           "--results", str(out)]
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)
+    code = child.returncode = os.waitstatus_to_exitcode(status)
+    if code:
+      raise RuntimeError(f"compiling {step} failed (exit {code}; -9 is the host "
+                         "running out of memory)")
+    rows = json.loads(out.read_text())
+    for row in rows:                   # this compile's peak host RAM (ru_maxrss: kB)
+      row["host_rss_bytes"] = usage.ru_maxrss * 1024
+    return rows
+
+
+def _child(spec: str, out: Path) -> None:
+  k = json.loads(spec)
+  config = config_for(k["method"], k["target"], k["batch"], k["remat"],
+                      k["teacher_param_dtype"], k["scan"], k["pixel_microbatches"])
+  target = compile_check.resolve_target(k["target"], "tpu")
+  out.write_text(json.dumps(_compile_here(config, target, k["step"]), default=str))
+
+
+# ------------------------------------------------------------------------------ table
+
+
+def _step_line(r: dict) -> str:
+  what = f"{r['stage']}/{r['step']}: "
+  if "error" in r:
+    return what + r["error"]
+  return what + (f"total {r['total_bytes'] / GiB:.1f} GiB (state {r['state_bytes'] / GiB:.1f}"
+                 f", frozen {r['frozen_bytes'] / GiB:.1f}, temporaries {r['temp'] / GiB:.1f})"
+                 f", {r['flops'] / 1e12:.1f} TFLOP")
+
+
+def table(entries: list[dict]) -> str:
+  entries = sorted(entries, key=lambda e: (list(METHODS).index(e["method"]), e["devices"],
+                                           e["batch"], e["remat"]))
+  lines = ["| method | target | global batch | peak HBM per chip | of HBM | fits | "
+           "TFLOP per iteration per chip | remat | status |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  best = {}
+  for e in entries:
+    st = status(e)
+    done = [r for r in e["steps"] if "error" not in r]
+    peak = max((r["total_bytes"] for r in done), default=None)
+    if st == "out of HBM" or st.startswith("not compiled"):
+      cells = ("–" if st.startswith("not") else "out of HBM", "> 100 %", "no", "–")
+    elif peak is None:
+      cells = ("–", "–", "?", "–")
+    else:
+      pre = "" if st == "complete" else "≥ "
+      cells = (f"{pre}{peak / GiB:.1f} GiB", f"{pre}{100 * peak / e['hbm']:.0f} %",
+               ("yes" if peak <= e["hbm"] else "no") if st == "complete" else
+               ("no" if peak > e["hbm"] else "?"),
+               f"{pre}{sum(r['flops'] for r in done) / 1e12:.1f}")
+    lines.append(f"| {METHODS[e['method']][1]} | {e['target']} ({e['devices']} chips) | "
+                 f"{e['batch']} | {' | '.join(cells)} | {e['remat']} | {st} |")
+    k = (e["method"], e["target"])
+    best.setdefault(k, [])
+    if st == "complete" and peak < 0.8 * e["hbm"]:
+      best[k].append(e["batch"])
+  lines += ["", "| method / step | target | global batch | per chip: total (state, frozen, "
+            "temporaries) | of HBM | TFLOP per chip | compile s | host RAM GiB |",
+            "|---|---|---|---|---|---|---|---|"]
+  for e in entries:
+    for r in e["steps"]:
+      what = f"{e['method']}, {r['stage']}/{r['step']}"
+      if "error" in r:
+        cells = "out of HBM | > 100 % | –"
+      else:
+        cells = (f"{r['total_bytes'] / GiB:.1f} GiB ({r['state_bytes'] / GiB:.1f}, "
+                 f"{r['frozen_bytes'] / GiB:.1f}, {r['temp'] / GiB:.1f}) | "
+                 f"{100 * r['total_bytes'] / e['hbm']:.0f} % | {r['flops'] / 1e12:.1f}")
+      ram = f"{r['host_rss_bytes'] / GiB:.1f}" if r.get("host_rss_bytes") else "–"
+      lines.append(f"| {what} | {e['target']} | {e['batch']} | {cells} | "
+                   f"{r.get('compile_s', '–')} | {ram} |")
+  lines.append("")
+  for (method, target), bs in best.items():
+    lines.append(f"{METHODS[method][1]} on {target}: largest batch measured under 80 % of "
+                 f"HBM: {max(bs) if bs else 'none'}")
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--targets", default="v5p-8,v5p-64")
   ap.add_argument("--batches", default="32,64,128")
   ap.add_argument("--methods", default="dmdx,dmd2_4")
-  ap.add_argument("--remat", default="none")
+  ap.add_argument("--remat", default="full")
   ap.add_argument("--teacher_param_dtype", default="float32",
                   help="storage of the frozen teacher (bfloat16 halves it)")
   ap.add_argument("--scan", type=int, default=1,
                   help="transformer stacks as lax.scan (config.scan_blocks; faster compiles)")
-  ap.add_argument("--pixel_microbatches", type=int, default=1,
+  ap.add_argument("--pixel_microbatches", type=int, default=0,
                   help="ADP's pixel branch in this many sequential passes "
-                       "(config.pixel_microbatches)")
-  ap.add_argument("--json", default="")
+                       "(config.pixel_microbatches; 0: one image per chip per pass)")
+  ap.add_argument("--results", type=Path, default=RESULTS,
+                  help="results file: read, extended step by step, rewritten atomically")
   ap.add_argument("--isolate", type=int, default=1,
                   help="compile each step function in its own process (peak host RAM of "
                        "one compile, not of all of them)")
-  ap.add_argument("--steps", default="", help=argparse.SUPPRESS)   # one isolated step
+  ap.add_argument("--table_only", type=int, default=0, help="print the results; compile nothing")
+  ap.add_argument("--child", default="", help=argparse.SUPPRESS)   # one isolated step
   args = ap.parse_args()
-  out, quiet = [], lambda *_: None
-  for method in args.methods.split(","):
-    for target_name in args.targets.split(","):
-      for batch in map(int, args.batches.split(",")):
-        config = config_for(method, target_name, batch, args.remat,
-                            args.teacher_param_dtype, bool(args.scan),
-                            args.pixel_microbatches)
-        config.compile.steps = args.steps
-        target = compile_check.resolve_target(target_name, "tpu")
-        t0 = time.perf_counter()
-        if args.isolate and not args.steps:
-          rows = [r for step in compile_check.step_names(config, target)
-                  for r in _isolated(args, method, target_name, batch, step)]
-        else:
-          rows = compile_check.compile_steps(config, target, log=quiet)
-        s = compile_check.summary(rows, target)
-        out.append({"method": method, "target": target_name, "batch": batch,
-                    "devices": len(target.devices), "remat": args.remat,
-                    "scan": bool(args.scan), "teacher_param_dtype": args.teacher_param_dtype,
-                    "pixel_microbatches": args.pixel_microbatches,
-                    "compile_s": time.perf_counter() - t0, "hbm": target.hbm_bytes, **s,
-                    "steps": rows})
-        print(_row(out[-1]), flush=True)
-        for r in rows:
-          print(f"    {r['stage']}/{r['step']}: " + (r.get("error") or (
-              f"total {r['total_bytes'] / 2**30:.1f} GiB (state {r['state_bytes'] / 2**30:.1f}"
-              f", frozen {r['frozen_bytes'] / 2**30:.1f}, temporaries {r['temp'] / 2**30:.1f})"
-              f", {r['flops'] / 1e12:.1f} TFLOP")), flush=True)
-        if args.json:
-          Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-  print()
-  print(table(out))
-
-
-def _isolated(args, method, target, batch, step) -> list[dict]:
-  """One step's rows from a child process running this script on that step alone."""
-  with tempfile.NamedTemporaryFile(suffix=".json") as f:
-    cmd = [sys.executable, __file__, "--methods", method, "--targets", target,
-           "--batches", str(batch), "--remat", args.remat, "--teacher_param_dtype",
-           args.teacher_param_dtype, "--scan", str(args.scan), "--steps", step,
-           "--pixel_microbatches", str(args.pixel_microbatches),
-           "--isolate", "0", "--json", f.name]
-    print(f"  {method} {target} batch {batch}: compiling {step} in a child process",
-          flush=True)
-    r = subprocess.run(cmd)                  # its output streams through (step by step)
-    if r.returncode:
-      raise RuntimeError(f"compiling {step} failed (exit {r.returncode}; -9 is the host "
-                         "running out of memory)")
-    return json.loads(Path(f.name).read_text())[0]["steps"]
-
-
-def _row(r) -> str:
-  needs = [m.group(1) for s in r["steps"] for m in [re.search(
-      r"HLO temporaries \(([\d.]+G)\)", s.get("error", ""))] if m]
-  peak = (f"out of HBM (temporaries {max(needs, key=lambda v: float(v[:-1]))})" if needs
-          else "out of HBM") if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
-  flops = "–" if r["peak_bytes"] is None else f"{r['iteration_flops'] / 1e12:.1f}"
-  share = ("> 100 %" if r["peak_bytes"] is None else
-           f"{100 * r['peak_bytes'] / r['hbm']:.0f} %")
-  return (f"| {METHODS[r['method']][1]} | {r['target']} ({r['devices']} chips) | "
-          f"{r['batch']} | {peak} | {share} | {'yes' if r['fits'] else 'no'} | "
-          f"{flops} | {r['remat']} | {r['compile_s']:.0f} |")
-
-
-def table(rows) -> str:
-  lines = ["| method | target | global batch | peak HBM per chip | of HBM | fits | "
-           "TFLOP per iteration per chip | remat | compile s |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  lines += [_row(r) for r in rows]
-  best = {}
-  for r in rows:
-    ok = r["peak_bytes"] is not None and r["peak_bytes"] < 0.8 * r["hbm"]
-    key = (r["method"], r["target"])
-    best.setdefault(key, None)
-    if ok and (best[key] is None or r["batch"] > best[key]):
-      best[key] = r["batch"]
-  lines.append("")
-  for (method, target), b in best.items():
-    lines.append(f"{METHODS[method][1]} on {target}: largest batch tried under 80 % of "
-                 f"HBM: {b if b is not None else 'none'}")
-  return "\n".join(lines)
+  if args.child:
+    return _child(args.child, args.results)
+  entries = load(args.results)
+  if not args.table_only:
+    measure(args, entries)
+  print(table(entries))
 
 
 if __name__ == "__main__":
