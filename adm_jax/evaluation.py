@@ -198,6 +198,26 @@ class DigitsEvaluator:
 
 EVALUATORS: dict[str, type] = {"digits": DigitsEvaluator}
 
+RESULTS = Path("eval") / "results.jsonl"      # under a workdir: one JSON row per evaluation
+
+
+def read_results(workdir: str | Path) -> list[dict]:
+  """The evaluation rows the trainer appended to ``workdir/eval/results.jsonl`` (step,
+  stage, sample count, grid path and every score), oldest first; ``[]`` if none."""
+  import json
+  path = Path(workdir) / RESULTS
+  if not path.is_file():
+    return []
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{i}: not a JSON results row ({e})") from None
+  return rows
+
 
 def make(name: str, **kw: Any):
   """Builds the evaluator registered as ``name`` with keyword arguments ``kw``."""

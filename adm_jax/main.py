@@ -7,6 +7,8 @@ Modes:
           shards in ``DIR/pairs`` (or ``config.pairs.dir``); resumable, idempotent.
   sample  load the converted teacher, run its PF-ODE sampler with CFG on
           ``config.sample.prompts`` and write ``DIR/samples.png`` (+ ``samples.npz``).
+  eval    score the latest checkpoint's generator with ``config.eval`` (e.g. with more
+          samples: ``--config.eval.num_per_prompt=500``); appends to DIR/eval/results.jsonl.
   check   validate the config and the teacher weights it names, print the model sizes.
   compile  build the whole state abstractly (no weights read), compile every step of
           the method for ``config.compile.target`` (a TPU topology such as v5p-8, or
@@ -30,7 +32,7 @@ from ml_collections import config_flags
 
 from adm_jax import config_lib
 
-MODES = ("train", "pairs", "sample", "check", "compile", "pretrain")
+MODES = ("train", "eval", "pairs", "sample", "check", "compile", "pretrain")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (and :arg).",
                                           lock_config=True)
@@ -70,6 +72,9 @@ def _main(argv):
   if _MODE.value == "train":
     from adm_jax import train
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == "eval":
+    from adm_jax import train
+    train.evaluate_checkpoint(config, _WORKDIR.value)
   elif _MODE.value == "pairs":
     from adm_jax import pairs
     pairs.generate(config, _WORKDIR.value)

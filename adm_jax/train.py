@@ -319,14 +319,40 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None
   return state
 
 
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """``--mode=eval``: scores the generator of the run's latest checkpoint (``workdir``,
+  else ``config.resume``) with ``config.eval`` (e.g. more samples than during training:
+  ``--config.eval.num_per_prompt=500``), appends the row to ``eval/results.jsonl`` and
+  prints the table. Same config as the training run; nothing is trained or saved."""
+  if not config.eval.evaluator:
+    raise config_lib.ConfigError("--mode=eval: config.eval.evaluator is empty (nothing to "
+                                 "score the samples with)")
+  if checkpoint.resolve_resume(workdir, config.get("resume") or None,
+                               init_from_teacher=True).source not in ("workdir", "resume"):
+    raise checkpoint.CheckpointError(
+        f"--mode=eval: no checkpoint in {checkpoint.checkpoint_dir(workdir)} (nor "
+        "config.resume); train first")
+  mesh = sharding.make_mesh(config.mesh)
+  problem = problems.make(config, mesh, workdir)
+  all_stages = stages(config)
+  ckptr = checkpoint.TrainCheckpointer(checkpoint.checkpoint_dir(workdir), read_only=True)
+  try:
+    state, step, index, b = _initial_state(config, workdir, ckptr, problem, mesh, all_stages)
+  finally:
+    ckptr.close()
+  scores = evaluate(config, workdir, problem, make_sampler(b.nets), state, step,
+                    stage=all_stages[index].method)
+  if jax.process_index() == 0:
+    print_results(workdir)
+  return scores
+
+
 def print_results(workdir) -> str:
   """The evaluation rows of ``workdir/eval/results.jsonl`` as a table (printed)."""
-  import json
   from adm_jax import evaluation
-  path = Path(workdir) / "eval" / "results.jsonl"
-  if not path.is_file():
+  rows = evaluation.read_results(workdir)
+  if not rows:
     return ""
-  rows = [json.loads(line) for line in path.read_text().splitlines()]
   cols = ["step", "stage", "samples"] + [k for k in rows[-1] if k not in (
       "step", "stage", "samples", "grid")]
   table = evaluation.format_table(rows, cols)
@@ -438,14 +464,14 @@ def evaluate(config, workdir, problem, sampler, state, step: int, writer=None, *
     images.append(np.asarray(decode(problem.frozen["decoder"], sampler(params, noise, c))))
   images = np.concatenate(images)                                     # [N, H, W, 3]
   scores = problem.evaluator.evaluate(images, labels)
-  out = Path(workdir) / "eval"
+  out = (Path(workdir) / evaluation.RESULTS).parent
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     per = min(ec.num_per_prompt, 10)
     keep = np.concatenate([np.flatnonzero(labels == l)[:per] for l in np.unique(labels)])
     grid = evaluation.labelled_grid(images[keep], labels[keep], out / f"step_{step:07d}.png",
                                     prompts=prompts)
-    with open(out / "results.jsonl", "a") as f:
+    with open(Path(workdir) / evaluation.RESULTS, "a") as f:
       f.write(json.dumps({"step": step, "stage": stage, "samples": len(labels),
                           "grid": str(grid), **scores}) + "\n")
     print(f"[eval] step {step} ({len(labels)} samples): " + "  ".join(

@@ -11,7 +11,6 @@ job's last results row. Fails if ``DIR`` is not empty (a resumed job is not a fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adm_jax import evaluation  # noqa: E402
 
 
 def main(argv=None):
@@ -36,8 +38,8 @@ def main(argv=None):
   t0 = time.perf_counter()
   subprocess.run(cmd, cwd=ROOT, check=True)
   wall = time.perf_counter() - t0
-  results = workdir / "eval" / "results.jsonl"
-  last = json.loads(results.read_text().splitlines()[-1]) if results.exists() else {}
+  results = evaluation.read_results(workdir)
+  last = results[-1] if results else {}
   cpus = len(os.sched_getaffinity(0))
   print(f"\nmain job {args.config}: wall {wall:.0f} s ({wall / 60:.1f} min) on {cpus} "
         f"CPU core{'s' * (cpus > 1)}; workdir {workdir}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adm_jax import config_lib
+from adm_jax import checkpoint, config_lib, evaluation, train
 from adm_jax import teacher as teacher_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_digits_dmdx_main_job(tmp_path):
   out = r.stdout
   assert "converted the teacher" in out and "pairs: wrote 16 pairs" in out
   assert "[adp]" in out and "[adm]" in out
-  rows = [json.loads(l) for l in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+  rows = evaluation.read_results(tmp_path)
   assert [row["stage"] for row in rows] == ["adp", "adm"]
   for row in rows:
     assert row["samples"] == 20 and 0.0 <= row["alignment"] <= 1.0 and row["fid"] > 0
@@ -43,6 +43,19 @@ def test_digits_dmdx_main_job(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "converted the teacher" not in again.stdout and "pairs:" not in again.stdout
   assert "[adm] step" not in again.stdout
+  # --mode=eval scores the last checkpoint again: the trainer's own final row, exactly.
+  ev = _main("--config=configs/digits_dmdx.py:tiny", f"--workdir={tmp_path}", "--mode=eval")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  rows = evaluation.read_results(tmp_path)
+  assert len(rows) == 3 and rows[-1] == rows[-2] | {"grid": rows[-1]["grid"]}
+  assert "| step | stage | samples | fid |" in ev.stdout and "[adm] step" not in ev.stdout
+
+
+def test_eval_mode_needs_a_checkpoint(tmp_path):
+  c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*train first"):
+    train.evaluate_checkpoint(c, str(tmp_path))
+  assert not (tmp_path / "eval").exists()
 
 
 def test_prepare_converts_once_and_names_a_missing_teacher(tmp_path):
