@@ -186,20 +186,14 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
     known += [f"{stage.method}/{name}" for name, _, _ in b.plan]
     if only and not any(f"{stage.method}/{name}" in only for name, _, _ in b.plan):
       continue
+    jitted, batch_sh, frozen_sh = train.jit_plan(b, problem, mesh, keep_unused=True)
     state = sharding.abstract_with_shardings(b.abstract, b.shardings)
-    batch = jax.tree.map(lambda a: _struct(a, sharding.batch_sharding(mesh, len(a.shape))),
-                         b.example)
-    frozen = jax.tree.map(lambda a: _struct(a, a.sharding), problem.frozen)
+    batch = jax.tree.map(_struct, b.example, batch_sh)
+    frozen = jax.tree.map(_struct, problem.frozen, frozen_sh)
     rng = _struct(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
-    for name, fn, every in b.plan:
+    for name, fn, every in jitted:
       if only and f"{stage.method}/{name}" not in only:
         continue
-      jitted = jax.jit(fn, in_shardings=(b.shardings, jax.tree.map(lambda a: a.sharding, frozen),
-                                         jax.tree.map(lambda a: a.sharding, batch),
-                                         rng.sharding),
-                       out_shardings=(b.shardings, None), donate_argnums=0,
-                       # Every frozen network stays resident in a real run, used or not.
-                       keep_unused=True)
       log(f"compiling {stage.method}/{name} for {target.name} ...")
       row = {"stage": stage.method, "step": name, "every": every,
              **{f"{k}_bytes": shard_bytes(v) for k, v in
@@ -211,7 +205,7 @@ def compile_steps(config, target: Target, log=print) -> list[dict]:
         native = target.hbm_bytes is None and target.devices[0].platform == jax.default_backend()
         lowering = "auto" if native else "xla"
         with layers.conv_lowering(lowering):
-          lowered = jitted.lower(state, frozen, batch, rng)
+          lowered = fn.lower(state, frozen, batch, rng)
         compiled = _compile(lowered, target)
       except Exception as e:                                  # noqa: BLE001
         msg = str(e)

@@ -224,12 +224,22 @@ def build(config, mesh, problem: problems.Problem, method: str) -> Built:
                needs, example)
 
 
-def _jit_plan(b: Built, problem, mesh):
+def jit_plan(b: Built, problem, mesh, *, keep_unused: bool = False):
+  """A stage's step functions jitted as the trainer runs them: ``([(name, jitted,
+  every)], batch shardings, frozen shardings)``. The state keeps ``b.shardings`` and is
+  donated; the batch is split over data x fsdp; each frozen network stays where the
+  problem placed it (concrete arrays or, for the compile check, abstract ones), or is
+  replicated if it lives on other devices. ``keep_unused``: every frozen network is an
+  argument of every step, used or not (the compile check counts them all resident)."""
   batch_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), b.example)
-  frozen_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) and len(
-      a.sharding.device_set) == mesh.size else sharding.replicated(mesh), problem.frozen)
+
+  def placed(a):
+    sh = getattr(a, "sharding", None)
+    return sh if sh is not None and len(sh.device_set) == mesh.size else sharding.replicated(mesh)
+  frozen_sh = jax.tree.map(placed, problem.frozen)
   jitted = [(name, jax.jit(fn, in_shardings=(b.shardings, frozen_sh, batch_sh, None),
-                           out_shardings=(b.shardings, None), donate_argnums=0), every)
+                           out_shardings=(b.shardings, None), donate_argnums=0,
+                           keep_unused=keep_unused), every)
             for name, fn, every in b.plan]
   return jitted, batch_sh, frozen_sh
 
@@ -396,7 +406,7 @@ def _run_stage(config, workdir, problem, mesh, b: Built, stage: Stage, state, st
   that step does, unless the run stops there. When ``guard`` reports a preemption, the
   step reached is checkpointed and the stage returns early (``guard.step`` is set)."""
   end = min(stage.end, stop_at)
-  jitted, batch_sh, frozen_sh = _jit_plan(b, problem, mesh)
+  jitted, batch_sh, frozen_sh = jit_plan(b, problem, mesh)
   frozen = jax.device_put(problem.frozen, frozen_sh)
   if state is None:
     state = jax.jit(b.init, out_shardings=b.shardings)(*b.init_args)

@@ -117,7 +117,7 @@ def _config(method: str, levels: int):
 def _jax_iteration(method, problem, levels, mesh):
   c = _config(method, levels)
   b = train.build(c, mesh, problem, method)
-  jitted, batch_sh, frozen_sh = train._jit_plan(b, problem, mesh)
+  jitted, batch_sh, frozen_sh = train.jit_plan(b, problem, mesh)
   frozen = jax.device_put(problem.frozen, frozen_sh)
   batch = jax.device_put(problem.batch(0, b.needs), batch_sh)
   holder = {"state": jax.jit(b.init, out_shardings=b.shardings)(*b.init_args), "i": 0}
