@@ -138,7 +138,7 @@ def _scatter_png(mixture, samples: np.ndarray, size: int = 256) -> np.ndarray:
 # ------------------------------------------------------------------------------ SDXL
 
 
-def _unet_apply(graphdef, remat: str = "none", scan: bool = False):
+def unet_apply(graphdef, remat: str = "none", scan: bool = False):
   """``apply(params, x_t, model_time, cond)`` of a UNet, its blocks rematerialised with
   policy ``remat``, its transformer stacks scanned with ``scan``."""
   def apply(params, x_t, model_time, cond, *, return_features: bool = False):
@@ -156,7 +156,7 @@ def _remat(config, net: str) -> str:
 
 
 def _memory_apply(config, graphdef, net: str):
-  return _unet_apply(graphdef, _remat(config, net), bool(config.get("scan_blocks", False)))
+  return unet_apply(graphdef, _remat(config, net), bool(config.get("scan_blocks", False)))
 
 
 def _pixel_encoder(pcfg, mesh, abstract: bool = False, remat: str = "none"):
@@ -218,7 +218,7 @@ def sdxl(config, mesh, workdir=None, *, abstract: bool = False) -> Problem:
   else:
     teacher = teacher_lib.load_teacher(config.teacher, shard=shard)
   param = teacher_lib.make_parameterization(config.teacher)
-  apply = _unet_apply(teacher.denoiser.graphdef)
+  apply = unet_apply(teacher.denoiser.graphdef)
   if abstract:
     batch = _abstract_batches(config, teacher)
   elif config.pairs.source == "files":

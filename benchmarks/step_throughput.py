@@ -62,7 +62,7 @@ def _jax_models(ref, tmp: Path):
 
 def _problem(ref, unet, vae, sam, latent_hw) -> problems.Problem:
   (_, ugraph, uparams), (_, vgraph, vparams), (scfg, sgraph, sparams) = unet, vae, sam
-  apply = problems._unet_apply(ugraph)
+  apply = problems.unet_apply(ugraph)
   to_np = lambda t: np.ascontiguousarray(t.detach().cpu().numpy())
   def sdxl(c):
     return {"context": to_np(c["text_embedding"]),
