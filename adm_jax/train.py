@@ -465,7 +465,7 @@ def evaluate(config, workdir, problem, sampler, state, step: int, writer=None, *
   ec = config.eval
   cond, labels, prompts = problem.eval_set
   params = state.generator_ema if state.generator_ema is not None else state.generator.params
-  decode = problem.__dict__.setdefault("_decode_jit", jax.jit(problem.decode))
+  decode = _jitted(problem.decode)
   key = jax.random.key(ec.seed + 23)
   images = []
   for s in range(0, len(labels), ec.batch_size):
@@ -489,6 +489,13 @@ def evaluate(config, workdir, problem, sampler, state, step: int, writer=None, *
   if writer is not None:
     writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
   return scores
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted(fn: Callable) -> Callable:
+  """One ``jax.jit`` wrapper per function (a problem's decoder, jitted once per run, not
+  at every evaluation)."""
+  return jax.jit(fn)
 
 
 def make_sampler(nets: steps.Nets, seed: int = 0):

@@ -242,3 +242,15 @@ def test_format_table():
                                 "| dmd2 | 1.235 | 0.9 |", "| adm |  |  |"]
   with pytest.raises(ValueError):
     evaluation.format_table([], [])
+
+
+def test_read_results_rows_missing_and_corrupt(tmp_path):
+  assert evaluation.read_results(tmp_path) == []
+  path = tmp_path / evaluation.RESULTS
+  path.parent.mkdir(parents=True)
+  rows = [{"step": 5, "stage": "adp", "fid": 3.5}, {"step": 9, "stage": "adm", "fid": 2.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert evaluation.read_results(tmp_path) == rows
+  path.write_text(json.dumps(rows[0]) + "\n" + '{"step": 9, "fi')        # a torn last line
+  with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON results row"):
+    evaluation.read_results(tmp_path)
