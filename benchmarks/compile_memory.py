@@ -156,11 +156,9 @@ def measure(args, entries: list[dict]) -> None:
             continue
           print(f"{method} {target_name} batch {batch}: compiling {step} "
                 f"({time.strftime('%H:%M:%S')})", flush=True)
-          t0 = time.perf_counter()
           rows = (_isolated(key, step) if args.isolate else
                   _compile_here(config, target, step))
           for r in rows:
-            r["compile_s"] = round(time.perf_counter() - t0, 1)
             print("    " + _step_line(r), flush=True)
           e["steps"] += rows
           save(args.results, entries)
@@ -169,8 +167,13 @@ def measure(args, entries: list[dict]) -> None:
 
 
 def _compile_here(config, target, step: str) -> list[dict]:
+  """``step``'s rows, each with the seconds its abstract build and compile took."""
   config.compile.steps = step
-  return compile_check.compile_steps(config, target, log=lambda *_: None)
+  t0 = time.perf_counter()
+  rows = compile_check.compile_steps(config, target, log=lambda *_: None)
+  for r in rows:
+    r["compile_s"] = round(time.perf_counter() - t0, 1)
+  return rows
 
 
 def _isolated(key: dict, step: str) -> list[dict]:
