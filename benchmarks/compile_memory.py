@@ -255,7 +255,7 @@ def table(entries: list[dict]) -> str:
                  f"{100 * r['total_bytes'] / e['hbm']:.0f} % | {r['flops'] / 1e12:.1f}")
       ram = f"{r['host_rss_bytes'] / GiB:.1f}" if r.get("host_rss_bytes") else "–"
       lines.append(f"| {what} | {e['target']} | {e['batch']} | {cells} | "
-                   f"{r.get('compile_s', '–')} | {ram} |")
+                   f"{r.get('compile_s') or '–'} | {ram} |")
   lines.append("")
   for (method, target), bs in best.items():
     lines.append(f"{METHODS[method][1]} on {target}: largest batch measured under 80 % of "
