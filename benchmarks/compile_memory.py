@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,10 @@ def status(e: dict) -> str:
     return "not compiled: " + e["skipped"]
   if any("error" in r for r in e["steps"]):
     return "out of HBM"
+  done = {f"{r['stage']}/{r['step']}" for r in e["steps"]}
+  crashed = [c["step"] for c in e.get("crashes", ()) if c["step"] not in done]
+  if crashed:
+    return f"compiler crashed on {crashed[-1]}"
   n = len(e.get("step_names") or e["steps"])
   return "complete" if len(e["steps"]) >= n else f"{len(e['steps'])} of {n} steps"
 
@@ -156,8 +161,16 @@ def measure(args, entries: list[dict]) -> None:
             continue
           print(f"{method} {target_name} batch {batch}: compiling {step} "
                 f"({time.strftime('%H:%M:%S')})", flush=True)
-          rows = (_isolated(key, step) if args.isolate else
-                  _compile_here(config, target, step))
+          try:
+            rows = (_isolated(key, step, args.stack_mb) if args.isolate else
+                    _compile_here(config, target, step))
+          except CompilerCrash as crash:
+            print(f"    {step}: {crash}", flush=True)
+            e.setdefault("crashes", []).append(
+                {"step": step, "why": str(crash), "stack_mb": args.stack_mb,
+                 "at": time.strftime("%Y-%m-%d %H:%M")})
+            save(args.results, entries)
+            break                             # next batch; a re-run tries this step again
           for r in rows:
             print("    " + _step_line(r), flush=True)
           e["steps"] += rows
@@ -176,18 +189,38 @@ def _compile_here(config, target, step: str) -> list[dict]:
   return rows
 
 
-def _isolated(key: dict, step: str) -> list[dict]:
+class CompilerCrash(RuntimeError):
+  """The child compiling one step died (a signal or an error exit), not out of HBM."""
+
+
+def _stack_limit(mb: int):
+  """For the child: thread stacks of ``mb`` MiB. glibc sizes every new thread's stack
+  from RLIMIT_STACK at exec (8 MiB by default; 2 MiB if unlimited), and XLA's recursive
+  passes overflow 8 MiB on a 32-chip SDXL step ("SIGSEGV STACK OVERFLOW")."""
+  def set_limit():
+    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    soft = mb * 2 ** 20
+    resource.setrlimit(resource.RLIMIT_STACK,
+                       (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+  return set_limit
+
+
+def _isolated(key: dict, step: str, stack_mb: int = 1024) -> list[dict]:
   """One step's rows from a child process (its host RAM is freed when it exits)."""
   with tempfile.TemporaryDirectory() as d:
     out = Path(d) / "rows.json"
     cmd = [sys.executable, __file__, "--child", json.dumps({**key, "step": step}),
            "--results", str(out)]
-    child = subprocess.Popen(cmd)
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, preexec_fn=_stack_limit(stack_mb))
     _, status, usage = os.wait4(child.pid, 0)
     code = child.returncode = os.waitstatus_to_exitcode(status)
     if code:
-      raise RuntimeError(f"compiling {step} failed (exit {code}; -9 is the host "
-                         "running out of memory)")
+      raise CompilerCrash(
+          f"compiling {step} failed after {time.perf_counter() - t0:.0f} s (exit {code}; "
+          f"-9: the host ran out of memory; -6 or -11: the compiler crashed; "
+          f"thread stacks {stack_mb} MiB; peak host RAM "
+          f"{usage.ru_maxrss / 2 ** 20:.1f} GiB)")
     rows = json.loads(out.read_text())
     for row in rows:                   # this compile's peak host RAM (ru_maxrss: kB)
       row["host_rss_bytes"] = usage.ru_maxrss * 1024
@@ -281,6 +314,8 @@ def main():
   ap.add_argument("--isolate", type=int, default=1,
                   help="compile each step function in its own process (peak host RAM of "
                        "one compile, not of all of them)")
+  ap.add_argument("--stack_mb", type=int, default=1024,
+                  help="each isolated compile's thread stack size (RLIMIT_STACK) in MiB")
   ap.add_argument("--table_only", type=int, default=0, help="print the results; compile nothing")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)   # one isolated step
   args = ap.parse_args()

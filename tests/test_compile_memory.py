@@ -47,7 +47,7 @@ def bench(monkeypatch):
 def _args(cm, results, batches="32,64,128"):
   return cm.argparse.Namespace(methods="dmdx", targets="v5p-8", batches=batches, remat="full",
                                scan=1, teacher_param_dtype="float32", pixel_microbatches=0,
-                               isolate=0, results=results)
+                               isolate=0, results=results, stack_mb=1024)
 
 
 def test_grid_stops_at_the_first_batch_out_of_hbm_and_resumes_from_the_file(bench, tmp_path):
@@ -93,3 +93,46 @@ def test_a_foreign_results_file_is_refused(bench, tmp_path):
   bad.write_text(json.dumps([{"method": "dmdx"}]))
   with pytest.raises(ValueError, match="not a compile_memory results file"):
     cm.load(bad)
+
+
+def test_a_compiler_crash_is_recorded_the_next_batch_goes_on_and_a_rerun_retries(
+    bench, tmp_path, monkeypatch):
+  cm, calls = bench
+  recorder = cm._compile_here
+
+  def crash_at_32(config, target, step):
+    if (config["batch"], step) == (32, "adm/big"):
+      calls.append((32, step))
+      raise cm.CompilerCrash("compiling adm/big failed (exit -6)")
+    return recorder(config, target, step)
+
+  monkeypatch.setattr(cm, "_compile_here", crash_at_32)
+  results = tmp_path / "r.json"
+  cm.measure(_args(cm, results, "32,64"), [])
+  saved = cm.load(results)
+  # The crash is not "out of HBM": batch 64 is still compiled (and is out of HBM there).
+  assert calls == [(32, "adp/small"), (32, "adm/big"), (64, "adp/small"), (64, "adm/big")]
+  assert [cm.status(e) for e in saved] == ["compiler crashed on adm/big", "out of HBM"]
+  assert saved[0]["crashes"][0]["why"] == "compiling adm/big failed (exit -6)"
+  assert "| 32 | ≥ 10.0 GiB | ≥ 10 % | ? |" in cm.table(saved)
+  # A re-run (say with larger stacks) tries the crashed step again, and only that one.
+  monkeypatch.setattr(cm, "_compile_here", recorder)
+  calls.clear()
+  cm.measure(_args(cm, results, "32,64"), cm.load(results))
+  assert calls == [(32, "adm/big")]
+  assert cm.status(cm.load(results)[0]) == "complete"
+
+
+def test_an_isolated_child_that_dies_raises_compiler_crash_with_its_stack_limit(
+    bench, tmp_path, monkeypatch):
+  cm, _ = bench
+  seen = tmp_path / "rlimit"
+  child = tmp_path / "child.py"
+  child.write_text(f"""import os, resource, signal
+open({str(seen)!r}, "w").write(str(resource.getrlimit(resource.RLIMIT_STACK)[0]))
+os.kill(os.getpid(), signal.SIGABRT)
+""")
+  monkeypatch.setattr(cm, "__file__", str(child))
+  with pytest.raises(cm.CompilerCrash, match=r"exit -6.*thread stacks 64 MiB"):
+    cm._isolated({"method": "dmdx"}, "adm/big", stack_mb=64)
+  assert int(seen.read_text()) == 64 * 2 ** 20
