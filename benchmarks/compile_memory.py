@@ -112,7 +112,7 @@ def status(e: dict) -> str:
   done = {f"{r['stage']}/{r['step']}" for r in e["steps"]}
   crashed = [c["step"] for c in e.get("crashes", ()) if c["step"] not in done]
   if crashed:
-    return f"compiler crashed on {crashed[-1]}"
+    return f"compile failed on {crashed[-1]}"
   n = len(e.get("step_names") or e["steps"])
   return "complete" if len(e["steps"]) >= n else f"{len(e['steps'])} of {n} steps"
 

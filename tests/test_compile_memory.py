@@ -112,7 +112,7 @@ def test_a_compiler_crash_is_recorded_the_next_batch_goes_on_and_a_rerun_retries
   saved = cm.load(results)
   # The crash is not "out of HBM": batch 64 is still compiled (and is out of HBM there).
   assert calls == [(32, "adp/small"), (32, "adm/big"), (64, "adp/small"), (64, "adm/big")]
-  assert [cm.status(e) for e in saved] == ["compiler crashed on adm/big", "out of HBM"]
+  assert [cm.status(e) for e in saved] == ["compile failed on adm/big", "out of HBM"]
   assert saved[0]["crashes"][0]["why"] == "compiling adm/big failed (exit -6)"
   assert "| 32 | ≥ 10.0 GiB | ≥ 10 % | ? |" in cm.table(saved)
   # A re-run (say with larger stacks) tries the crashed step again, and only that one.

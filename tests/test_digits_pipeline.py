@@ -23,6 +23,14 @@ def _main(*args, timeout=1200):
                         text=True, timeout=timeout)
 
 
+def _load_benchmark(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_digits_dmdx_main_job(tmp_path):
   r = _main("--config=configs/digits_dmdx.py:tiny", f"--workdir={tmp_path}")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -49,6 +57,18 @@ def test_digits_dmdx_main_job(tmp_path):
   rows = evaluation.read_results(tmp_path)
   assert len(rows) == 3 and rows[-1] == rows[-2] | {"grid": rows[-1]["grid"]}
   assert "| step | stage | samples | fid |" in ev.stdout and "[adm] step" not in ev.stdout
+  # benchmarks/digits_adm_sweep.py reruns ADM alone from the ADP checkpoint: with the
+  # config's own settings it reproduces the main job's ADM row; overrides reach the steps
+  # (a generator update every iteration at a large lr moves the student).
+  sweep = _load_benchmark("digits_adm_sweep").main([
+      "--from", str(tmp_path), "--pairs", str(tmp_path / "pairs"), "--variant", "tiny",
+      "--out", str(tmp_path / "sweep"), "--runs", "same:",
+      "moved:dmdx.adm_ttur=1,dmdx.adm_optim.generator.lr=0.001"])
+  main_adm = {k: v for k, v in rows[-2].items() if k != "grid"}
+  assert {k: v for k, v in sweep[0]["adm"].items() if k != "grid"} == main_adm
+  assert sweep[0]["adp"] == rows[0]
+  assert len(sweep[0]["hinge"]) >= 1 and all(0 <= h <= 4 for h in sweep[0]["hinge"])
+  assert sweep[1]["adm"]["fid"] != main_adm["fid"]
 
 
 def test_eval_mode_needs_a_checkpoint(tmp_path):
