@@ -53,8 +53,9 @@ def get_config(arg=None):
   # same x_t) differ by the step's x0 coefficient times the two scores' gap. At the
   # paper's Δt = T/64 that is too small for the heads to see in 300 iterations: the hinge
   # loss stayed at chance (1.96) and ADM only cost FID. Δt = 3T/4 (t ~ U(3T/4, T), one
-  # long step to t - Δt <= T/4) brings it to ~1.1 within 300 iterations. Seed 0 from
-  # ADP's step-700 generator, 1000 samples (ADP: FID 3.88): Δt T/64 3.67, T/4 3.38,
+  # long step to t - Δt <= T/4) brings it to 0.5-0.9 in 300 iterations. Seed 0 from
+  # ADP's step-700 generator, 1000 samples (ADP: FID 3.88; benchmarks/digits_adm_sweep.py
+  # reruns this): Δt T/64 3.67, T/4 3.38,
   # T/2 3.26, 3T/4 3.09 at generator lr 1e-6; at 3T/4 lr 3e-6 2.78, 1e-5 2.56 (diversity
   # 5.28), 3e-5 2.67 (diversity 5.17). The generator takes every 4th ADM iteration (TTUR
   # 4: 75 generator updates against 300 of the fake score and heads, which start from
