@@ -79,15 +79,14 @@ def main(argv=None):
   ap.add_argument("--runs", nargs="+", required=True, help="NAME:key=value,...")
   args = ap.parse_args(argv)
   results = [run_one(*parse_run(spec), args) for spec in args.runs]
-  print("| run | overrides | samples | FID after ADP | FID | alignment | diversity | "
-        "ADM hinge (2: chance) |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in results:
-    a, d = r["adp"], r["adm"]
-    over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config)"
-    hinge = " ".join(f"{h:.2f}" for h in r["hinge"])
-    print(f"| {r['run']} | {over} | {d['samples']} | {a['fid']:.2f} | {d['fid']:.2f} | "
-          f"{d['alignment']:.3f} | {d['diversity']:.2f} | {hinge} |")
+  print(evaluation.format_table([{
+      "run": r["run"],
+      "overrides": ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(config)",
+      "samples": r["adm"]["samples"], "FID after ADP": r["adp"]["fid"],
+      **{k: r["adm"][k] for k in ("fid", "alignment", "diversity")},
+      "ADM hinge (2: chance)": " ".join(f"{h:.2f}" for h in r["hinge"])} for r in results],
+      ["run", "overrides", "samples", "FID after ADP", "fid", "alignment", "diversity",
+       "ADM hinge (2: chance)"]))
   (args.out / "sweep.json").write_text(json.dumps(results, indent=1, default=str))
   return results
 
