@@ -148,14 +148,22 @@ def prepare(config, workdir) -> None:
   if dst.is_dir():
     return
   if jax.process_index() == 0:
+    import fcntl
+    import shutil
     from adm_jax.convert.__main__ import convert_pipeline
-    tmp = dst.with_name(dst.name + ".converting")
-    if tmp.exists():
-      import shutil
-      shutil.rmtree(tmp)
-    convert_pipeline(tc.family, src, tmp, log=lambda *_: None)
-    os.replace(tmp, dst)
-    print(f"converted the teacher {src} -> {dst}", flush=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Independent jobs may share one work directory (e.g. benchmark rows run side by
+    # side): the first converts, the others wait on the lock and then find ``dst``.
+    # The kernel drops the lock of a killed process, so a crash never blocks a re-run.
+    with open(dst.with_name(dst.name + ".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not dst.is_dir():
+        tmp = dst.with_name(dst.name + ".converting")
+        if tmp.exists():
+          shutil.rmtree(tmp)
+        convert_pipeline(tc.family, src, tmp, log=lambda *_: None)
+        os.replace(tmp, dst)
+        print(f"converted the teacher {src} -> {dst}", flush=True)
   multihost.barrier("teacher-prepare")
 
 

@@ -100,6 +100,24 @@ def test_prepare_converts_once_and_names_a_missing_teacher(tmp_path):
   assert not (tmp_path / "other" / "teacher").exists()
 
 
+def test_prepare_is_safe_for_jobs_sharing_a_workdir(tmp_path):
+  """Two jobs started together on one work directory: one converts, the other waits
+  and uses it (before the lock, the second crashed on the first's temporary folder)."""
+  code = ("import sys; from adm_jax import config_lib, teacher; "
+          "c = config_lib.load_config_file('configs/digits_dmdx.py:tiny'); "
+          "teacher.prepare(c, sys.argv[1]); "
+          "print('loaded', teacher.load_teacher(c.teacher).latent_shape)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for _ in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert sum(o.count("converted the teacher") for o in outs) == 1, outs
+  assert all("loaded (8, 8" in o for o in outs), outs
+  assert not (tmp_path / "teacher.converting").exists()
+
+
 def test_eval_config_is_checked(tmp_path):
   from adm_jax import problems, sharding
   c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
