@@ -8,6 +8,9 @@ given to an optimiser, never checkpointed), and the family's prompt encoder and 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -137,7 +140,6 @@ def prepare(config, workdir) -> None:
   embedded digits teacher) is converted once into ``teacher.weights_dir`` (default
   ``WORKDIR/teacher``), to a temporary folder first and then renamed, so an interrupted
   conversion is redone rather than half-read."""
-  import os
   tc = config.teacher
   src = tc.get("diffusers_dir")
   if not src:
@@ -148,8 +150,6 @@ def prepare(config, workdir) -> None:
   if dst.is_dir():
     return
   if jax.process_index() == 0:
-    import fcntl
-    import shutil
     from adm_jax.convert.__main__ import convert_pipeline
     dst.parent.mkdir(parents=True, exist_ok=True)
     # Independent jobs may share one work directory (e.g. benchmark rows run side by
