@@ -100,21 +100,51 @@ def test_prepare_converts_once_and_names_a_missing_teacher(tmp_path):
   assert not (tmp_path / "other" / "teacher").exists()
 
 
+def _lock_waiters(path: Path) -> int:
+  """How many processes wait on a ``flock`` of ``path`` (Linux ``/proc/locks``)."""
+  ino = os.stat(path).st_ino
+  return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+             if "->" in line and line.split()[-3].endswith(f":{ino}"))
+
+
 def test_prepare_is_safe_for_jobs_sharing_a_workdir(tmp_path):
-  """Two jobs started together on one work directory: one converts, the other waits
-  and uses it (before the lock, the second crashed on the first's temporary folder)."""
+  """A second job on the same work directory waits while another converts, then uses
+  the finished teacher instead of converting again (before the lock it crashed on the
+  first job's temporary folder). Deterministic: this test plays the first job."""
+  import fcntl
+  import time
+  from adm_jax.convert.__main__ import convert_pipeline
+  c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
   code = ("import sys; from adm_jax import config_lib, teacher; "
           "c = config_lib.load_config_file('configs/digits_dmdx.py:tiny'); "
           "teacher.prepare(c, sys.argv[1]); "
           "print('loaded', teacher.load_teacher(c.teacher).latent_shape)")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for _ in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
-  assert sum(o.count("converted the teacher") for o in outs) == 1, outs
-  assert all("loaded (8, 8" in o for o in outs), outs
+  lock_path = tmp_path / "teacher.lock"
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while _lock_waiters(lock_path) == 0:
+      assert child.poll() is None, child.communicate()[0]
+      assert time.monotonic() < deadline, "the second job never waited on the lock"
+      time.sleep(0.2)
+    (tmp_path / "teacher.converting").mkdir()  # what a killed first job leaves behind
+    convert_pipeline(c.teacher.family, ROOT / c.teacher.diffusers_dir,
+                     tmp_path / "teacher", log=lambda *_: None)
+  out = child.communicate(timeout=300)[0]
+  assert child.returncode == 0, out
+  assert "converted the teacher" not in out, out
+  assert "loaded (8, 8" in out, out
+  # A job that starts after a crash finds no teacher: it clears the stale folder.
+  import shutil
+  shutil.rmtree(tmp_path / "teacher")
+  again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "converted the teacher" in again.stdout
   assert not (tmp_path / "teacher.converting").exists()
 
 
