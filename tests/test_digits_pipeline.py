@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import conftest
+
 from adm_jax import checkpoint, config_lib, evaluation, train
 from adm_jax import teacher as teacher_lib
 
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _main(*args, timeout=1200):
   return subprocess.run([sys.executable, "-m", "adm_jax.main", *args],
-                        env={**os.environ, "XLA_FLAGS": ""}, cwd=ROOT, capture_output=True,
+                        env={**os.environ, "XLA_FLAGS": conftest.COLLECTIVE_TIMEOUTS}, cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout)
 
 

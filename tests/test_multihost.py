@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import conftest
 from adm_jax import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ CACHE = os.environ.get("ADM_JAX_TEST_CACHE", "/tmp/adm_jax_test_xla_cache")
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       f"{conftest.COLLECTIVE_TIMEOUTS}",
              PYTHONPATH=str(ROOT))
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)

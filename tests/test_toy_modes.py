@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import conftest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,8 @@ def test_adm_and_dmdx_cover_all_eight_modes(tmp_path):
   r = subprocess.run([sys.executable, "benchmarks/toy_modes.py", "--steps", "2000",
                       "--seeds", "0", "--methods", "ADM,DMDX", "--samples", "2000",
                       "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                     timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+                     timeout=900,
+                     env={**os.environ, "XLA_FLAGS": conftest.COLLECTIVE_TIMEOUTS})
   assert r.returncode == 0, r.stderr[-3000:]
   rows = {row["method"]: row for row in json.loads(out.read_text())}
   assert rows["teacher, 25-step DDIM"]["modes"] == 8
