@@ -1,7 +1,7 @@
 """The embedded digits teacher (``weights/digits-sdxl``) and the job that trains it.
 
 The committed folder loads in diffusers and through our converter; our UNet, text path
-and sampler match diffusers' on its weights; its VAE reconstructs the held-out digits;
+and sampler match diffusers' on its weights; its samples draw the prompted digit; its VAE reconstructs the held-out digits;
 the ``tiny`` pretrain configs run end to end into a temporary export folder.
 """
 import json
@@ -120,6 +120,31 @@ def test_sampler_matches_diffusers_pipeline(teacher, pipe):
                latents=start, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
   assert np.abs(ref).max() > 0.5
   np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
+
+
+def test_teacher_samples_follow_their_prompts(teacher):
+  """The committed teacher, sampled as the digits benchmark samples it (25 Euler steps,
+  the configs' CFG), draws the prompted digit: ``benchmarks/digits_table.py`` measures
+  alignment 0.989 at 5000 samples and 0.992 at 1000 (issue 5 asks 0.99 of a student).
+  Bound here: 0.97 on 200 samples; a teacher that ignored its prompts scores about 0.1."""
+  from adm_jax import evaluation, pairs
+  c = _config("digits_dmdx.py")
+  ev = evaluation.make(c.eval.evaluator)
+  per = 20
+  rows = np.repeat(np.arange(len(c.eval.prompts)), per)
+  cond = jax.device_get(teacher.encode_prompts(list(c.eval.prompts)))
+  cond = {k: v[rows] for k, v in cond.items()}
+  sample = jax.jit(sampling.make_ode_sampler(
+      teacher.apply, pairs.ode_parameterization(c), 25, spacing="trailing",
+      sampler="euler", cfg_scale=c.teacher.guidance_scale))
+  noise = jax.random.normal(jax.random.key(7), (len(rows), *teacher.latent_shape))
+  z = sample(teacher.denoiser.params, noise, cond, conditioning.uncond_like(cond))
+  images = np.asarray(jax.jit(lambda z: teacher.parts["vae"].module().decode(z))(z))
+  scores = ev.evaluate(images, np.asarray(c.eval.labels)[rows])
+  assert scores["alignment"] >= 0.97, scores
+  # The same samples told the wrong digit score near zero: alignment reads the prompt.
+  wrong = ev.evaluate(images, (np.asarray(c.eval.labels)[rows] + 1) % 10)
+  assert wrong["alignment"] < 0.05, wrong
 
 
 def test_vae_reconstructs_heldout_digits():
