@@ -1,8 +1,9 @@
 """The embedded digits teacher (``weights/digits-sdxl``) and the job that trains it.
 
 The committed folder loads in diffusers and through our converter; our UNet, text path
-and sampler match diffusers' on its weights; its samples draw the prompted digit; its VAE reconstructs the held-out digits;
-the ``tiny`` pretrain configs run end to end into a temporary export folder.
+and sampler match diffusers' on its weights; its samples draw the prompted digit; its
+VAE reconstructs the held-out digits; the ``tiny`` pretrain configs run end to end into
+a temporary export folder.
 """
 import json
 import re
