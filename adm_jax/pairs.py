@@ -300,6 +300,31 @@ def ode_parameterization(config):
       config.teacher, set_alpha_to_one=config.pairs.sampler == "euler")
 
 
+def teacher_eval_samples(config, teacher, sampler: str, num_steps: int,
+                         key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """The teacher's own samples of ``config.eval``'s prompts (``num_per_prompt`` each, in
+  batches of ``eval.batch_size``; ``sampler`` with ``num_steps`` trailing steps at the
+  teacher's CFG), decoded by its VAE: images ``[N, H, W, 3]`` in [-1, 1] and labels [N]."""
+  ec = config.eval
+  rows = np.repeat(np.arange(len(ec.prompts)), ec.num_per_prompt)
+  cond = jax.device_get(teacher.encode_prompts(list(ec.prompts)))
+  cfg = config.copy_and_resolve_references()
+  cfg.pairs.sampler = sampler
+  sample = jax.jit(sampling.make_ode_sampler(
+      teacher.apply, ode_parameterization(cfg), num_steps, spacing="trailing",
+      sampler=sampler, cfg_scale=config.teacher.guidance_scale))
+  vae = teacher.parts["vae"]
+  decode = jax.jit(lambda z: vae.module().decode(z))
+  images = []
+  for s in range(0, len(rows), ec.batch_size):
+    c = {k: v[rows[s:s + ec.batch_size]] for k, v in cond.items()}
+    noise = jax.random.normal(jax.random.fold_in(key, s),
+                              (len(rows[s:s + ec.batch_size]), *teacher.latent_shape))
+    images.append(np.asarray(decode(sample(teacher.denoiser.params, noise, c,
+                                           conditioning.uncond_like(c)))))
+  return np.concatenate(images), np.asarray(ec.labels)[rows]
+
+
 def make_pair_sampler(apply, param, config, latent_shape, mesh) -> Callable:
   """Jitted ``(teacher_params, index [B], cond) -> (noise, latent)``: the noise of pair
   ``i`` drawn from ``fold_in(key(seed), i)`` on device, then the teacher's PF-ODE."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from adm_jax import config_lib, conditioning, evaluation, pairs, sampling, train
+from adm_jax import config_lib, evaluation, pairs, train
 from adm_jax import teacher as teacher_lib
 
 STUDENTS = {   # row -> (config file argument, label)
@@ -49,31 +49,13 @@ def teacher_rows(config, workdir: Path, seed: int) -> list[dict]:
   """The teacher's own samples of the evaluation prompts, scored like the students."""
   teacher_lib.prepare(config, workdir)
   teacher = teacher_lib.load_teacher(config.teacher)
-  ec = config.eval
-  ev = evaluation.make(ec.evaluator)
-  rows_idx = np.repeat(np.arange(len(ec.prompts)), ec.num_per_prompt)
-  cond = jax.device_get(teacher.encode_prompts(list(ec.prompts)))
-  labels = np.asarray(ec.labels)[rows_idx]
-  vae = teacher.parts["vae"]
-  decode = jax.jit(lambda z: vae.module().decode(z))
+  ev = evaluation.make(config.eval.evaluator)
   out = []
   for sampler, steps in TEACHER:
-    cfg = config.copy_and_resolve_references()
-    cfg.pairs.sampler = sampler
-    param = pairs.ode_parameterization(cfg)
-    sample = jax.jit(sampling.make_ode_sampler(
-        teacher.apply, param, steps, spacing="trailing", sampler=sampler,
-        cfg_scale=config.teacher.guidance_scale))
     t0 = time.perf_counter()
-    images = []
-    key = jax.random.key(1000 + seed)
-    for s in range(0, len(labels), ec.batch_size):
-      c = {k: v[rows_idx[s:s + ec.batch_size]] for k, v in cond.items()}
-      noise = jax.random.normal(jax.random.fold_in(key, s),
-                                (len(rows_idx[s:s + ec.batch_size]), *teacher.latent_shape))
-      images.append(np.asarray(decode(sample(teacher.denoiser.params, noise, c,
-                                             conditioning.uncond_like(c)))))
-    scores = ev.evaluate(np.concatenate(images), labels)
+    images, labels = pairs.teacher_eval_samples(config, teacher, sampler, steps,
+                                                jax.random.key(1000 + seed))
+    scores = ev.evaluate(images, labels)
     out.append({"row": f"teacher, {sampler} {steps} step{'s' * (steps > 1)}, CFG "
                        f"{config.teacher.guidance_scale:g}", "seed": seed,
                 "samples": len(labels), "wall_s": time.perf_counter() - t0, **scores})

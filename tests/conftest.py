@@ -5,9 +5,17 @@ import os
 # with two xdist workers sharing two cores a busy neighbour can delay one that long.
 COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
                        "--xla_cpu_collective_call_terminate_timeout_seconds=1200")
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a test process or a subprocess: ``devices`` fake CPU devices (one,
+  the default, when None) and the raised collective timeouts."""
+  fake = f"--xla_force_host_platform_device_count={devices} " if devices else ""
+  return fake + COLLECTIVE_TIMEOUTS
+
+
 # Must happen before the first JAX operation anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS",
-                      f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # libtpu (the test extra installs it for the TPU compile checks) must not try to drive
 # a TPU here: its compiler is reached through jax.experimental.topologies alone.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -3,10 +3,13 @@ adm_jax.main``: the committed diffusers teacher is converted into the workdir, i
 pairs are written, ADP then ADM train, the student is evaluated by the shipped
 classifier, and the results table and the grid path are printed. Then a re-run resumes
 and writes nothing new."""
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,14 +18,15 @@ import conftest
 
 from adm_jax import checkpoint, config_lib, evaluation, train
 from adm_jax import teacher as teacher_lib
+from adm_jax.convert.__main__ import convert_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _main(*args, timeout=1200):
   return subprocess.run([sys.executable, "-m", "adm_jax.main", *args],
-                        env={**os.environ, "XLA_FLAGS": conftest.COLLECTIVE_TIMEOUTS}, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
+                        env={**os.environ, "XLA_FLAGS": conftest.xla_flags()}, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def _load_benchmark(name):
@@ -113,9 +117,6 @@ def test_prepare_is_safe_for_jobs_sharing_a_workdir(tmp_path):
   """A second job on the same work directory waits while another converts, then uses
   the finished teacher instead of converting again (before the lock it crashed on the
   first job's temporary folder). Deterministic: this test plays the first job."""
-  import fcntl
-  import time
-  from adm_jax.convert.__main__ import convert_pipeline
   c = config_lib.load_config_file("configs/digits_dmdx.py:tiny")
   code = ("import sys; from adm_jax import config_lib, teacher; "
           "c = config_lib.load_config_file('configs/digits_dmdx.py:tiny'); "
@@ -140,7 +141,6 @@ def test_prepare_is_safe_for_jobs_sharing_a_workdir(tmp_path):
   assert "converted the teacher" not in out, out
   assert "loaded (8, 8" in out, out
   # A job that starts after a crash finds no teacher: it clears the stale folder.
-  import shutil
   shutil.rmtree(tmp_path / "teacher")
   again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,

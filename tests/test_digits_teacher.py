@@ -130,21 +130,13 @@ def test_teacher_samples_follow_their_prompts(teacher):
   Bound here: 0.97 on 200 samples; a teacher that ignored its prompts scores about 0.1."""
   from adm_jax import evaluation, pairs
   c = _config("digits_dmdx.py")
+  c.eval.num_per_prompt = 20
   ev = evaluation.make(c.eval.evaluator)
-  per = 20
-  rows = np.repeat(np.arange(len(c.eval.prompts)), per)
-  cond = jax.device_get(teacher.encode_prompts(list(c.eval.prompts)))
-  cond = {k: v[rows] for k, v in cond.items()}
-  sample = jax.jit(sampling.make_ode_sampler(
-      teacher.apply, pairs.ode_parameterization(c), 25, spacing="trailing",
-      sampler="euler", cfg_scale=c.teacher.guidance_scale))
-  noise = jax.random.normal(jax.random.key(7), (len(rows), *teacher.latent_shape))
-  z = sample(teacher.denoiser.params, noise, cond, conditioning.uncond_like(cond))
-  images = np.asarray(jax.jit(lambda z: teacher.parts["vae"].module().decode(z))(z))
-  scores = ev.evaluate(images, np.asarray(c.eval.labels)[rows])
+  images, labels = pairs.teacher_eval_samples(c, teacher, "euler", 25, jax.random.key(7))
+  scores = ev.evaluate(images, labels)
   assert scores["alignment"] >= 0.97, scores
   # The same samples told the wrong digit score near zero: alignment reads the prompt.
-  wrong = ev.evaluate(images, (np.asarray(c.eval.labels)[rows] + 1) % 10)
+  wrong = ev.evaluate(images, (labels + 1) % 10)
   assert wrong["alignment"] < 0.05, wrong
 
 

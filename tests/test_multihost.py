@@ -32,8 +32,7 @@ CACHE = os.environ.get("ADM_JAX_TEST_CACHE", "/tmp/adm_jax_test_xla_cache")
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                       f"{conftest.COLLECTIVE_TIMEOUTS}",
+             XLA_FLAGS=conftest.xla_flags(devices),
              PYTHONPATH=str(ROOT))
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)

@@ -54,7 +54,7 @@ def test_dmdx_through_main(weights, tmp_path):
        f"--config.disc.pixel.weights_dir={sam}"],
       # One CPU device: compiling five SDXL-UNet step functions for 8 fake devices
       # would double this test's time (the sharded path is test_dmd2_four_step's).
-      env={**os.environ, "XLA_FLAGS": conftest.COLLECTIVE_TIMEOUTS},
+      env={**os.environ, "XLA_FLAGS": conftest.xla_flags()},
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "[adp]" in r.stdout and "[adm]" in r.stdout

@@ -23,7 +23,7 @@ def test_adm_and_dmdx_cover_all_eight_modes(tmp_path):
                       "--seeds", "0", "--methods", "ADM,DMDX", "--samples", "2000",
                       "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                      timeout=900,
-                     env={**os.environ, "XLA_FLAGS": conftest.COLLECTIVE_TIMEOUTS})
+                     env={**os.environ, "XLA_FLAGS": conftest.xla_flags()})
   assert r.returncode == 0, r.stderr[-3000:]
   rows = {row["method"]: row for row in json.loads(out.read_text())}
   assert rows["teacher, 25-step DDIM"]["modes"] == 8
